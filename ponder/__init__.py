@@ -1,0 +1,53 @@
+"""ponder: an inference-time compute engine for LLM reasoning.
+
+    import ponder
+    result = ponder.ask("What is 17 * 23?", strategy="sc", n=8)
+    print(result.answer, result.votes, result.usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .engine import Engine, PonderError, SamplingParams, load_engine
+from .result import Result
+
+__version__ = "0.1.0"
+
+_engines: dict[tuple, Engine] = {}
+
+
+def get_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: list[str] | None = None) -> Engine:
+    """The engine for ``model``, loaded once per process and reused by later calls."""
+    key = (model, engine, tuple(base_url or ()))
+    if key not in _engines:
+        _engines[key] = load_engine(model, engine=engine, base_url=base_url)
+    return _engines[key]
+
+
+async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, *,
+                    temperature: float = 0.7, top_p: float = 0.95, top_k: int = 40, max_tokens: int = 1024,
+                    seed: int | None = None, engine: Engine | None = None, **options) -> Result:
+    """``ask`` for code that already runs an event loop (a server, a notebook)."""
+    from .strategies import get_strategy
+
+    if not question or not question.strip():
+        raise PonderError("the question is empty")
+    if n < 1:
+        raise PonderError(f"n must be at least 1, got {n}")
+    run = get_strategy(strategy)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens).validate()
+    return await run(engine or get_engine(model), question, n=n, params=params, seed=seed, **options)
+
+
+def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, **kwargs) -> Result:
+    """Answer ``question`` with ``strategy`` over ``n`` branches of ``model`` (the bundled 0.5B by default).
+
+    Keyword arguments: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``seed``, ``engine`` (an Engine to use
+    instead of loading ``model``), and any option of the strategy.
+    """
+    return asyncio.run(ask_async(question, strategy, n, model, **kwargs))
+
+
+__all__ = ["Engine", "PonderError", "Result", "SamplingParams", "__version__", "ask", "ask_async", "get_engine",
+           "load_engine"]

@@ -1,0 +1,99 @@
+"""The ``ponder bench`` and ``ponder report`` subcommands; ``register`` adds them to ponder's argparse CLI."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+
+from ..engine import load_engine
+from ..engine.base import PonderError
+from ..options import add_model_arguments, add_sampling_arguments, positive_int, sampling_params, strategy_options
+from .datasets import DATA_ENV, SHORT_NAMES, load_dataset
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="run a strategy over a dataset into a resumable results file",
+        description="Run one strategy configuration over a dataset. Each finished problem is appended to --out at "
+                    "once; rerunning the same command resumes where it stopped.")
+    data = bench.add_argument_group("data")
+    data.add_argument("--data", required=True,
+                      help=f"a JSONL file (id, question, answer), a short name ({', '.join(SHORT_NAMES)}; looked "
+                           f"for in ${DATA_ENV} and ../shared/data) or gym:NAME?seed=S&size=K (reasoning-gym)")
+    data.add_argument("--limit", type=positive_int, help="run at most this many problems")
+    data.add_argument("--offset", type=int, default=0, help="skip this many problems first (default 0)")
+    data.add_argument("--shuffle", action="store_true", help="shuffle the problems with --seed before --offset")
+    add_sampling_arguments(bench, n_default=8, max_tokens_default=1024)
+    # A benchmark is always seeded: the seed fixes the shuffle and every problem's samples, so a resumed run
+    # continues the same measurement.
+    bench.set_defaults(seed=0)
+    bench.add_argument("--top-logprobs", type=int, default=0,
+                       help="also record each branch's mean confidence over the top K logprobs (DeepConf); 0 = off")
+    add_model_arguments(bench)
+    run = bench.add_argument_group("run")
+    run.add_argument("--concurrency", type=positive_int, default=1,
+                     help="problems in flight at once; their branches share the engine's batch (default 1)")
+    run.add_argument("--out", required=True, type=Path, help="the results file (JSONL) to create or resume")
+    bench.set_defaults(func=bench_command)
+
+    report = subparsers.add_parser(
+        "report", help="compare results files: table, Pareto plot and Markdown report",
+        description="Print a table of the runs in the results files; with --plot, also write a PNG of accuracy vs "
+                    "generated tokens and vs wall time per problem, and a Markdown report beside it.")
+    report.add_argument("results", nargs="+", type=Path, help="results files written by ponder bench")
+    report.add_argument("--plot", type=Path, help="the PNG to write; the Markdown report goes beside it (.md)")
+    report.set_defaults(func=report_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the strategies pull in scipy (most of a second), which `ponder --help` and the
+    # other subcommands should not wait for.
+    from .metrics import summarize
+    from .runner import BenchConfig, check_config, run_bench
+
+    try:
+        dataset = load_dataset(args.data)
+        problems = dataset.select(offset=args.offset, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
+        # Every branch records its mean logprob (cheap) so results files can be re-analysed without rerunning.
+        params = replace(sampling_params(args), logprobs=True, top_logprobs=args.top_logprobs).validate()
+        config = BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option))
+        check_config(config)  # before the model loads, so a typo fails in a second
+        engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+        try:
+            results = run_bench(engine, dataset, problems, config, args.out, concurrency=args.concurrency)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished problems are saved in {args.out}; rerun the same command to resume")
+            return 130
+        finally:
+            engine.close()
+    except OSError as e:
+        raise PonderError(f"{e.filename or args.out}: {e.strerror}") from None
+    metrics = summarize(config.strategy, results.records)
+    low, high = metrics.ci95
+    print(f"{args.out}: {metrics.problems} problems ({results.resumed} resumed), accuracy "
+          f"{metrics.accuracy:.1%} [{low:.1%}, {high:.1%}] (95 % CI), "
+          f"{metrics.generated_tokens:.0f} generated tokens and {metrics.wall_s:.2f} s per problem")
+    if metrics.maj_at_k is not None:
+        n = metrics.samples
+        print(f"from the same samples: maj@1 {metrics.maj_at_k[0]:.1%}, maj@{n} {metrics.maj_at_k[-1]:.1%}, "
+              f"pass@{n} {metrics.pass_at_k[-1]:.1%} (ponder report shows every k)")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .report import write_report  # matplotlib loads in about half a second: only `ponder report` pays for it
+
+    try:
+        write_report(args.results, args.plot, _console())
+    except OSError as e:
+        raise PonderError(f"{e.filename or args.plot}: {e.strerror}") from None
+    return 0
+
+
+def _console() -> Console:
+    console = Console()
+    # Rich wraps at 80 columns when stdout is a file or pipe; the run table needs more.
+    return console if console.is_terminal else Console(width=140)

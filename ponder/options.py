@@ -1,0 +1,70 @@
+"""Command-line options shared by ``ponder ask``, ``ponder bench`` and ``ponder serve``: one definition each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .engine import ENGINES
+from .engine.base import SamplingParams
+from .models import CATALOG, DEFAULT_MODEL
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help=f"bundled model ({', '.join(CATALOG)}; default {DEFAULT_MODEL}) or the path of a GGUF "
+                            "file; with --engine openai, the served model's name")
+    group.add_argument("--engine", choices=ENGINES, default="llamacpp",
+                       help="llamacpp: in-process, batched (default); openai: a remote OpenAI-compatible server")
+    group.add_argument("--base-url", action="append", metavar="URL",
+                       help="with --engine openai: the server's base URL, e.g. http://127.0.0.1:8080/v1 "
+                            "(repeat for several servers)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, max_tokens_default: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--strategy", default="sc", help="strategy name (default: sc; see `ponder strategies`)")
+    group.add_argument("--n", type=positive_int, default=n_default,
+                       help=f"branches (samples) per question (default: {n_default})")
+    group.add_argument("--temperature", type=float, default=SamplingParams.temperature,
+                       help=f"sampling temperature, 0 = greedy (default: {SamplingParams.temperature})")
+    group.add_argument("--top-p", type=float, default=SamplingParams.top_p,
+                       help=f"nucleus sampling mass (default: {SamplingParams.top_p})")
+    group.add_argument("--top-k", type=int, default=SamplingParams.top_k,
+                       help=f"sample among the k most likely tokens, 0 = off (default: {SamplingParams.top_k})")
+    group.add_argument("--max-tokens", type=positive_int, default=max_tokens_default,
+                       help=f"tokens per branch at most (default: {max_tokens_default})")
+    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a strategy-specific option (repeatable), e.g. --option threshold=0.9")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from parsed arguments; ValueError names a bad value."""
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens).validate()
+
+
+def strategy_options(pairs: list[str]) -> dict:
+    """``["k=3", "mode=online"]`` -> ``{"k": 3, "mode": "online"}``; values are read as JSON when they parse."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options

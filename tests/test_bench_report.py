@@ -1,0 +1,193 @@
+"""ponder report: the table, the data behind the Pareto plot, the PNG and the Markdown report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from ponder.bench.datasets import load_dataset
+from ponder.bench.report import load_runs, pareto_series, plot_pareto, write_report
+from ponder.bench.runner import BenchConfig, read_results, run_bench
+from ponder.engine.base import PonderError, SamplingParams
+from ponder.engine.fake import FakeEngine
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bench_problems.jsonl"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(out: Path, config: BenchConfig, scripts: list[str], data: str = str(FIXTURE)) -> Path:
+    dataset = load_dataset(data)
+    run_bench(FakeEngine(scripts), dataset, dataset.problems, config, out, progress=False)
+    return out
+
+
+@pytest.fixture
+def results(tmp_path) -> dict[str, Path]:
+    # Forks cycle through the scripts, so the answers differ from problem to problem: the curves are not flat.
+    answers = ["\\boxed{7} " + "step " * 10, "\\boxed{18}", "\\boxed{-3} " + "step " * 4, "no idea", "\\boxed{1000}"]
+    return {
+        "greedy": bench(tmp_path / "greedy.jsonl", BenchConfig("greedy", 1, SamplingParams(temperature=0.0)),
+                        ["\\boxed{7} " + "step " * 5]),
+        "sc4": bench(tmp_path / "sc4.jsonl", BenchConfig("sc", 4, SamplingParams()), answers),
+        "sc6": bench(tmp_path / "sc6.jsonl", BenchConfig("sc", 6, SamplingParams(temperature=1.0)), answers),
+    }
+
+
+def brute_maj(record: dict, k: int) -> float:
+    """maj@k of one problem by enumerating every k-subset of its branches."""
+    branches = record["branches"]
+    total = 0.0
+    subsets = list(itertools.combinations(branches, k))
+    for subset in subsets:
+        counts: dict[int, int] = {}
+        for b in subset:
+            if b["answer_class"] is not None:
+                counts[b["answer_class"]] = counts.get(b["answer_class"], 0) + 1
+        if counts:
+            winners = [c for c, v in counts.items() if v == max(counts.values())]
+            total += sum(record["answer_classes"][c]["correct"] for c in winners) / len(winners)
+    return total / len(subsets)
+
+
+def test_series_hold_the_greedy_point_and_the_maj_at_k_curves(results):
+    runs, warnings = load_runs([results["greedy"], results["sc4"], results["sc6"]])
+    assert warnings == []
+    series = {s.label: s for s in pareto_series(runs)}
+    assert set(series) == {"greedy", "sc n=4 temperature=0.7 maj@k", "sc n=6 temperature=1.0 maj@k"}
+
+    greedy = series["greedy"]
+    _, greedy_records = read_results(results["greedy"])
+    assert greedy.kind == "point" and greedy.ks == []
+    assert greedy.accuracy == [sum(r["correct"] for r in greedy_records) / 6] == [1 / 6]  # only "7" is right
+    assert greedy.tokens == [6.0]  # "\boxed{7}" plus five words
+    assert greedy.ci95[0] < greedy.accuracy[0] < greedy.ci95[1]
+
+    for n, label in ((4, "sc n=4 temperature=0.7 maj@k"), (6, "sc n=6 temperature=1.0 maj@k")):
+        curve = series[label]
+        _, records = read_results(results[f"sc{n}"])
+        tokens = sum(r["usage"]["generated_tokens"] for r in records) / len(records)
+        assert curve.kind == "curve" and curve.ks == list(range(1, n + 1))
+        assert curve.accuracy == pytest.approx([sum(brute_maj(r, k) for r in records) / len(records)
+                                                for k in range(1, n + 1)])
+        assert curve.tokens == pytest.approx([tokens * k / n for k in range(1, n + 1)])
+        run = next(r for r in runs if r.label + " maj@k" == label)
+        assert curve.wall_s == pytest.approx([run.metrics.wall_s * k / n for k in range(1, n + 1)])
+    assert len(set(series["sc n=6 temperature=1.0 maj@k"].accuracy)) > 1  # the curve is not flat
+
+
+def test_the_png_draws_exactly_the_series(results, tmp_path):
+    runs, _ = load_runs(list(results.values()))
+    png = tmp_path / "out" / "pareto.png"
+    png.parent.mkdir()
+    figure = plot_pareto(runs, png)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    token_axes, wall_axes = figure.axes
+    for axes, field in ((token_axes, "tokens"), (wall_axes, "wall_s")):
+        drawn = {}
+        for line in axes.get_lines():
+            if not line.get_label().startswith("_"):  # the points' lines belong to their error-bar containers
+                drawn[line.get_label()] = (list(line.get_xdata()), list(line.get_ydata()))
+        for container in axes.containers:
+            marker = container.lines[0]
+            drawn[container.get_label()] = (list(marker.get_xdata()), list(marker.get_ydata()))
+        expected = {s.label: (getattr(s, field), s.accuracy) for s in pareto_series(runs)}
+        assert drawn.keys() == expected.keys()
+        for label, (xs, ys) in expected.items():
+            assert drawn[label][0] == pytest.approx(xs) and drawn[label][1] == pytest.approx(ys)
+        assert "per problem" in axes.get_xlabel() and axes.get_title()
+    assert token_axes.get_ylabel().startswith("accuracy")
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert sorted(legend) == sorted(s.label for s in pareto_series(runs))
+    annotations = [child.get_text() for child in token_axes.texts]
+    assert {"k=1", "k=2", "k=4", "k=6"} <= set(annotations)  # powers of two and N
+
+
+def test_write_report_prints_the_table_and_writes_png_and_markdown(results, tmp_path):
+    console = Console(record=True, width=200)
+    png = tmp_path / "plots" / "pareto.png"
+    runs = write_report(list(results.values()), png, console)
+    text = console.export_text()
+    assert "greedy" in text and "sc n=4 temperature=0.7" in text and "sc n=6 temperature=1.0" in text
+    assert "maj@k" in text and "pass@k" in text and "accuracy (95 % CI)" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("│ greedy"))
+    assert "16.7% [3.0%, 56.4%]" in row  # 1 of 6, Wilson interval
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    markdown = (tmp_path / "plots" / "pareto.md").read_text()
+    assert "![Pareto plot](pareto.png)" in markdown
+    assert "| greedy | greedy | 6 | 1 | 16.7% [3.0%, 56.4%] |" in markdown
+    assert markdown.count("maj@k and pass@k from the same") == 2
+    assert "Wilson" in markdown and "Chen et al." in markdown
+    assert len(runs) == 3
+
+
+def test_report_without_plot_writes_nothing(results, tmp_path):
+    write_report([results["sc4"]], None, Console(record=True, width=200))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["greedy.jsonl", "sc4.jsonl", "sc6.jsonl"]
+
+
+def test_report_reads_a_file_a_crash_cut_short(results):
+    path = results["sc4"]
+    with open(path, "a") as f:
+        f.write('{"id": "half", "gold": ')
+    before = path.read_bytes()
+    runs, _ = load_runs([path])
+    assert runs[0].metrics.problems == 6
+    assert path.read_bytes() == before  # reporting never modifies a results file
+
+
+def test_runs_of_the_same_config_are_told_apart_by_file(results, tmp_path):
+    copy = tmp_path / "sc4-again.jsonl"
+    copy.write_bytes(results["sc4"].read_bytes())
+    runs, _ = load_runs([results["sc4"], copy])
+    assert [r.label for r in runs] == ["sc n=4 (sc4)", "sc n=4 (sc4-again)"]
+
+
+def test_empty_runs_are_skipped_with_a_warning(results, tmp_path):
+    header_only = tmp_path / "empty.jsonl"
+    header_only.write_text(results["sc4"].read_text().splitlines()[0] + "\n")
+    runs, warnings = load_runs([results["greedy"], header_only])
+    assert [r.label for r in runs] == ["greedy"] and "empty.jsonl: no finished problems" in warnings[0]
+    with pytest.raises(PonderError, match="no results to report"):
+        load_runs([header_only])
+
+
+def test_plot_refuses_runs_on_different_datasets(results, tmp_path):
+    gym = bench(tmp_path / "gym.jsonl", BenchConfig("greedy", 1, SamplingParams()), ["\\boxed{3}"],
+                data="gym:basic_arithmetic?seed=1&size=3")
+    runs, _ = load_runs([results["greedy"], gym])
+    with pytest.raises(PonderError, match="one dataset"):
+        plot_pareto(runs, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.jsonl", None, "no results file"),
+    ("data.jsonl", '{"id": "a", "question": "q", "answer": "1"}\n', "not a ponder results file"),
+])
+def test_bad_inputs_are_refused(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PonderError, match=message):
+        load_runs([path])
+
+
+def test_plot_path_must_be_a_png(results, tmp_path):
+    with pytest.raises(PonderError, match="ending in .png"):
+        write_report([results["sc4"]], tmp_path / "pareto.pdf", Console(record=True))
+
+
+def test_problem_set_difference_is_noted(results, tmp_path):
+    dataset = load_dataset(str(FIXTURE))
+    partial = tmp_path / "partial.jsonl"
+    run_bench(FakeEngine(["\\boxed{7}"]), dataset, dataset.problems[:2], BenchConfig("greedy", 1, SamplingParams()),
+              partial, progress=False)
+    console = Console(record=True, width=200)
+    write_report([results["greedy"], partial], tmp_path / "p.png", console)
+    assert "cover different problems" in console.export_text()
+    assert "cover different problems" in (tmp_path / "p.md").read_text()
+    assert json.loads(partial.read_text().splitlines()[0])["strategy"] == "greedy"

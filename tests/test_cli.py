@@ -1,0 +1,50 @@
+"""The command line: clear one-line errors and exit codes, and the JSON contract of `ponder ask --json`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ponder.cli import main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "hi", "--model", "nope"], "unknown model 'nope'"),
+    (["ask", "hi", "--temperature", "9"], "temperature must be between 0 and 5"),
+    (["ask", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["ask", "   "], "the question is empty"),
+    (["ask", "hi", "--strategy", "telepathy"], "unknown strategy 'telepathy'"),
+    (["ask", "hi", "--option", "novalue"], "--option takes KEY=VALUE"),
+    (["ask", "hi", "--engine", "openai"], "needs --base-url"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["ask", "hi", "--n", "0"], ["ask", "hi", "--max-tokens", "x"], ["ask"]])
+def test_argument_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_ask_json_on_the_bundled_model():
+    out = subprocess.run([sys.executable, "-m", "ponder.cli", "ask", "What is 6 times 7?", "--n", "2",
+                          "--max-tokens", "48", "--seed", "3", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) >= {"answer", "votes", "branches", "usage", "model"}
+    assert len(result["branches"]) == 2
+    assert set(result["usage"]) >= {"prompt_tokens", "prompt_tokens_shared", "generated_tokens", "wall_s"}
+    assert result["usage"]["generated_tokens"] == sum(b["generated_tokens"] for b in result["branches"])
+    assert result["usage"]["prompt_tokens_shared"] == 2 * (result["usage"]["prompt_tokens"] - 1)
+    assert result["model"] == {"name": "qwen2.5-0.5b",
+                               "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
