@@ -15,7 +15,8 @@ from rich.table import Table
 from . import __version__
 from .engine import Engine, PonderError, load_engine
 from .models import CATALOG, file_sha256, status
-from .options import add_model_arguments, add_sampling_arguments, sampling_params, strategy_options
+from .options import (add_model_arguments, add_sampling_arguments, check_strategy_options, sampling_params,
+                      strategy_options)
 from .result import Result
 
 err = Console(stderr=True)
@@ -63,7 +64,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not question:
         raise PonderError("the question is empty")
     params = sampling_params(args)
-    options = strategy_options(args.option)
+    options = check_strategy_options(args.strategy, strategy_options(args.option))
     run = get_strategy(args.strategy)
     show = not args.json and err.is_terminal
     with err.status("loading model…") if show else _nothing():
@@ -112,11 +113,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from .strategies import STRATEGIES
+    from .strategies import DESCRIPTIONS, get_strategy
 
-    for name, run in sorted(STRATEGIES.items()):
-        doc = (sys.modules[run.__module__].__doc__ or "").strip()  # a strategy module's first line says what it does
-        print(f"{name:14s} {doc.splitlines()[0] if doc else ''}")
+    if args.name:
+        run = get_strategy(args.name)
+        print((sys.modules[run.__module__].__doc__ or DESCRIPTIONS[args.name]).strip())  # the options live there
+        return 0
+    for name, description in DESCRIPTIONS.items():
+        print(f"{name:14s} {description}")
+    print("\n`ponder strategies NAME` shows a strategy's options (pass them as --option KEY=VALUE).")
     return 0
 
 
@@ -142,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     strategies = sub.add_parser("strategies", help="list strategies and what they do")
+    strategies.add_argument("name", nargs="?", help="show this strategy's options")
     strategies.set_defaults(func=cmd_strategies)
 
     from .bench.cli import register as register_bench
+    from .server.cli import register as register_serve
 
     register_bench(sub)
+    register_serve(sub)
     return parser
 
 

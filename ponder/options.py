@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import typing
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from .engine import ENGINES
-from .engine.base import SamplingParams
+from .engine.base import PonderError, SamplingParams
 from .models import CATALOG, DEFAULT_MODEL
 
 
@@ -67,4 +72,37 @@ def strategy_options(pairs: list[str]) -> dict:
             options[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[key.replace("-", "_")] = value
+    return options
+
+
+class OptionError(PonderError):
+    """A strategy option that the strategy does not take, or a value of the wrong type."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
+_RUN_ARGUMENTS = {"engine", "question", "n", "params", "seed"}  # given by the caller, never as an option
+
+
+def check_strategy_options(strategy: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` checked against the keywords of the strategy's ``run``: names it takes, values of the annotated
+    type (converted, e.g. "3" -> 3). Unknown names and bad values raise ``OptionError``."""
+    from .strategies import get_strategy
+
+    run = get_strategy(strategy)
+    parameters = inspect.signature(run).parameters
+    accepted = [name for name, p in parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RUN_ARGUMENTS]
+    hints = typing.get_type_hints(run)
+    options = {}
+    for name, value in given.items():
+        if name not in accepted:
+            raise OptionError(f"strategy {strategy!r} does not take option {name!r} "
+                              f"(it takes: {', '.join(accepted) or 'no options'})", name)
+        try:
+            options[name] = TypeAdapter(hints.get(name, Any)).validate_python(value)
+        except ValidationError as exc:
+            raise OptionError(f"option {name}: {exc.errors()[0]['msg']}", name) from None
     return options

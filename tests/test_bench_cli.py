@@ -84,7 +84,7 @@ def test_bench_passes_strategy_options_and_model_flags(tmp_path, loads):
 
 
 @pytest.mark.parametrize("extra, error, message", [
-    (["--option", "no_such_option=3"], PonderError, "does not take these options"),
+    (["--option", "no_such_option=3"], PonderError, "does not take option .no_such_option."),
     (["--option", "novalue"], ValueError, "KEY=VALUE"),
     (["--strategy", "nope"], PonderError, "unknown strategy 'nope'"),
     (["--temperature", "-1"], ValueError, "temperature"),

@@ -245,7 +245,7 @@ def test_strategy_gets_the_config_and_a_per_problem_seed(tmp_path, monkeypatch):
 def test_unknown_strategy_option_is_refused_before_running(tmp_path):
     dataset = load_dataset(str(FIXTURE))
     engine = scripted_engine()
-    with pytest.raises(PonderError, match="strategy 'sc' does not take these options.*'depth'"):
+    with pytest.raises(PonderError, match="strategy 'sc' does not take option 'depth'"):
         run_bench(engine, dataset, dataset.problems, replace(SC4, options={"depth": 2}), tmp_path / "r.jsonl",
                   progress=False)
     assert engine.stats().prefills == 0 and not (tmp_path / "r.jsonl").exists()

@@ -48,3 +48,13 @@ def test_ask_json_on_the_bundled_model():
     assert result["usage"]["prompt_tokens_shared"] == 2 * (result["usage"]["prompt_tokens"] - 1)
     assert result["model"] == {"name": "qwen2.5-0.5b",
                                "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "hi", "--strategy", "adaptive", "--option", "init=abc"], "option init: Input should be a valid integer"),
+    (["ask", "hi", "--option", "colour=blue"], "strategy 'sc' does not take option 'colour'"),
+])
+def test_bad_strategy_options_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

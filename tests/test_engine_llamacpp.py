@@ -147,6 +147,29 @@ def test_kv_full_makes_new_branches_wait():
     assert final.kv_cells_used == 0 and final.live_branches == 0
 
 
+def test_a_prompt_longer_than_one_batch_is_evaluated_in_chunks():
+    """A 1,300-token prompt goes through three decode steps with n_batch 512, or one with n_batch 2048: the greedy
+    continuation must be the same."""
+    from ponder.engine import load_engine
+
+    prompt = "Count the words in this list: " + " ".join(f"item{i}" for i in range(400)) + "\nAnswer:"
+
+    async def continuation(engine):
+        root = await engine.open(prompt)
+        (b,) = await root.fork(1)
+        root.release()
+        await b.extend(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        b.release()
+        return b.tokens, engine.stats()
+
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=4, n_batch=512) as chunked:
+        tokens_chunked, stats = run(continuation(chunked))
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=4, n_batch=2048) as whole:
+        tokens_whole, _ = run(continuation(whole))
+    assert stats.prefill_tokens > 1024
+    assert tokens_chunked == tokens_whole
+
+
 def test_oversize_prompt_is_a_clear_error(real_engine):
     with pytest.raises(PromptTooLongError, match="context holds 4096"):
         run(real_engine.open("word " * 5000))

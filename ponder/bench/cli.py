@@ -59,8 +59,8 @@ def bench_command(args: argparse.Namespace) -> int:
         problems = dataset.select(offset=args.offset, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
         # Every branch records its mean logprob (cheap) so results files can be re-analysed without rerunning.
         params = replace(sampling_params(args), logprobs=True, top_logprobs=args.top_logprobs).validate()
-        config = BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option))
-        check_config(config)  # before the model loads, so a typo fails in a second
+        # checked before the model loads, so a typo fails in a second
+        config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option)))
         engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
         try:
             results = run_bench(engine, dataset, problems, config, args.out, concurrency=args.concurrency)

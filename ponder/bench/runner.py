@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from .. import __version__
 from ..answers import vote
 from ..engine.base import Engine, PonderError, PromptTooLongError, SamplingParams, Usage
+from ..options import check_strategy_options
 from ..result import Result
 from ..strategies import get_strategy
 from ..strategies.pool import ENDED_ON_THEIR_OWN
@@ -185,7 +185,8 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
     (their branches share its decode batches), appending each record as it finishes. Returns the results file."""
     if concurrency < 1:
         raise PonderError(f"--concurrency must be >= 1, got {concurrency}")
-    strategy = check_config(config)
+    config = check_config(config)
+    strategy = get_strategy(config.strategy)
     results = ResultsFile(out, make_header(engine, dataset, config))
     try:
         finished = results.finished
@@ -207,16 +208,11 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
     return results
 
 
-def check_config(config: BenchConfig) -> Callable:
-    """The strategy of ``config``, once its name, n and options are known to fit it."""
+def check_config(config: BenchConfig) -> BenchConfig:
+    """``config`` with its strategy options checked and typed; a bad name or value is a one-line error."""
     if config.n < 1:
         raise PonderError(f"--n must be >= 1, got {config.n}")
-    strategy = get_strategy(config.strategy)
-    try:
-        inspect.signature(strategy).bind(None, "", n=config.n, params=config.params, seed=0, **config.options)
-    except TypeError as e:
-        raise PonderError(f"strategy {config.strategy!r} does not take these options: {e}") from None
-    return strategy
+    return replace(config, options=check_strategy_options(config.strategy, config.options))
 
 
 async def _run_all(todo: list[Problem], solve, save: Callable[[dict], None], bar: _BenchProgress,

@@ -145,6 +145,12 @@ class Branch:
             self.released = True
             self.engine.release(self)
 
+    def history(self) -> dict:
+        """What a fork inherits from this branch: its generated text and per-token records (engines pass these to
+        the child's constructor)."""
+        return {"text": self.text, "tokens": list(self.tokens), "token_logprobs": list(self.token_logprobs),
+                "confidences": list(self.confidences), "entropies": list(self.entropies)}
+
     @property
     def mean_logprob(self) -> float | None:
         return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None

@@ -247,11 +247,9 @@ class LlamaCppEngine(Engine):
         for seq, seeds in zip(seqs, branch.seeds.spawn(n)):
             self._kv_ops.append(("cp", branch.seq_id, seq))
             child = LlamaBranch(
-                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, text=branch.text,
-                tokens=list(branch.tokens), token_logprobs=list(branch.token_logprobs),
-                confidences=list(branch.confidences), entropies=list(branch.entropies), seq_id=seq,
-                pending=branch.pending, n_past=branch.n_past, segments=shared + [_Segment()], seeds=seeds,
-                rng=np.random.default_rng(seeds), utf8_state=branch.utf8_state,
+                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
+                seq_id=seq, pending=branch.pending, n_past=branch.n_past, segments=shared + [_Segment()],
+                seeds=seeds, rng=np.random.default_rng(seeds), utf8_state=branch.utf8_state,
             )
             branch.usage.prompt_tokens_shared += branch.n_past
             self._live.add(child)
@@ -490,7 +488,7 @@ class LlamaCppEngine(Engine):
             b = feed.branch
             for k in range(start, stop):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
-                    feed.tokens[k], b.n_past + k, 1, b.seq_id, feed.want_logprobs)
+                    feed.tokens[k], b.n_past + k - start, 1, b.seq_id, feed.want_logprobs)
                 i += 1
         if i == 0:
             return _StepOut([], [])

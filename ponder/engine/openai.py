@@ -1,0 +1,563 @@
+"""The Branch API over any OpenAI-compatible server: vLLM, SGLang, llama.cpp's server, llama-cpp-python's server.
+
+A remote branch is a text prefix: the prompt (rendered here with a chat template, by the same Jinja renderer the
+in-process engine uses) plus everything the branch has generated. Each operation maps onto ``/v1/completions``:
+
+* ``open`` sends the prompt with ``max_tokens=1``: the server evaluates it once (and keeps it in its prefix cache),
+  reports its token count, and a prompt that does not fit fails here, as on the in-process engine.
+* ``fork`` sends nothing: children copy the parent's text; their requests share the prompt through the server's
+  prefix cache, so forks count in ``prompt_tokens_shared`` exactly as on the in-process engine.
+* ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
+  no stop strings, no ``stop_if``) issued together -- a strategy's ``gather`` over its forks -- share one request with
+  ``n`` choices where the server honours ``n`` (vLLM, SGLang); elsewhere (llama.cpp's servers) each branch is its own
+  concurrent request. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
+  ``"halted"`` mean what they mean on the in-process engine; closing the stream makes the server stop generating.
+* ``score`` sends prefix + continuation with ``echo`` and ``logprobs`` and sums the continuation's prompt logprobs.
+* ``release`` closes the branch's request once no other branch reads it.
+
+Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated token, so counts
+are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the entropy is
+over those k alternatives only, a lower bound of the model's).
+
+Several base URLs: each request goes to the least-loaded server that is up (ties to the one that served the branch
+before, whose prefix cache holds it). Connection errors, 429 and 5xx are retried, on another server at once if there
+is one, else after an exponential backoff; a server that cannot be reached is skipped for ``DOWN_S`` seconds, and the
+final error says which server failed and how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import random
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlsplit
+
+import openai
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
+                   StopIf, Usage)
+
+DOWN_S = 10.0  # how long a server that failed to connect is skipped
+BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry waits: 0.5 s, 1 s, 2 s, ... at most 8 s (less up to 25 % jitter)
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # a prompt whose every token is predictable
+_CONTEXT_ERRORS = ("context length", "context window", "maximum context", "exceed_context", "too long")
+
+# Templates for ``chat_template=NAME``; any other value is the path of a Jinja file (a Hugging Face chat template).
+# "qwen2.5" renders plain chats exactly as the bundled models' own GGUF template does (default system message included).
+CHAT_TEMPLATES = {
+    "qwen2.5": (
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}"
+        "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+}
+
+
+class RemoteUnavailableError(PonderError):
+    """No configured server could be reached (the ponder server answers 503 for it)."""
+
+
+@dataclass
+class _Server:
+    url: str
+    supports_n: bool
+    supports_logprobs: bool
+    supports_echo_logprobs: bool  # prompt logprobs with echo, which score() needs
+    in_flight: int = 0
+    down_until: float = 0.0
+
+
+@dataclass(eq=False)
+class RemoteBranch(Branch):
+    prompt: str = ""  # the rendered prompt; the text sent is prompt + text
+    server: _Server | None = None  # the server that last served it (its prefix cache holds it)
+    job: _Extend | None = None
+
+
+@dataclass(eq=False)
+class _Extend:
+    branch: RemoteBranch
+    params: SamplingParams
+    stop_if: StopIf | None
+    future: asyncio.Future
+    text_start: int  # stop strings are searched in the text of this extend only
+    done: bool = False
+    ended_here: bool = False  # ended by a stop string, stop_if or release rather than by the server
+    request: asyncio.Task | None = None
+    group: list[_Extend] = field(default_factory=list)  # the extends that read the same request
+
+    @property
+    def shareable(self) -> bool:
+        return not self.params.stop and self.stop_if is None
+
+
+@dataclass
+class _LoopClients:
+    """asyncio objects belong to one event loop; callers that use ``asyncio.run`` per question get fresh ones."""
+
+    loop: asyncio.AbstractEventLoop
+    clients: dict[str, openai.AsyncOpenAI]
+    slots: dict[str, asyncio.Semaphore]
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, base_urls: list[str], model: str | None = None, *, chat_template: str = "qwen2.5",
+                 api_key: str | None = None, timeout: float = 600.0, retries: int = 3, max_concurrency: int = 64,
+                 max_n: int = 64):
+        if not base_urls:
+            raise PonderError("the openai engine needs at least one base URL (e.g. http://127.0.0.1:8000/v1)")
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        self._timeout = openai.Timeout(timeout, connect=5.0)
+        self._retries = retries
+        self._max_concurrency = max_concurrency
+        self._max_n = max_n
+        self._template = _chat_formatter(chat_template)
+        urls = [_api_root(u) for u in base_urls]
+        clients = {url: openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self._timeout)
+                   for url in urls}
+        listed = {url: _model_ids(client, url) for url, client in clients.items()}
+        served = model or _only_model(urls[0], listed[urls[0]])
+        self._servers = [_probe(clients[url], url, listed[url], served) for url in urls]
+        for client in clients.values():
+            client.close()
+        self._n_everywhere = all(s.supports_n for s in self._servers)
+        self.model = ModelInfo(name=served, path=", ".join(urls))
+        self._counters = EngineStats()
+        self._live: set[RemoteBranch] = set()
+        self._pending: list[_Extend] = []
+        self._waiting_requests = 0
+        self._loop_clients: _LoopClients | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+
+    def _clients(self) -> _LoopClients:
+        loop = asyncio.get_running_loop()
+        if self._loop_clients is None or self._loop_clients.loop is not loop:
+            self._loop_clients = _LoopClients(
+                loop=loop,
+                clients={s.url: openai.AsyncOpenAI(base_url=s.url, api_key=self._api_key, timeout=self._timeout,
+                                                   max_retries=0) for s in self._servers},  # see _request
+                slots={s.url: asyncio.Semaphore(self._max_concurrency) for s in self._servers},
+            )
+        return self._loop_clients
+
+    # ---- the Branch API ------------------------------------------------------------------------------------------
+
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
+        text = prompt if isinstance(prompt, str) else self._template(messages=list(prompt)).prompt
+        if not text:
+            raise PonderError("the prompt is empty")
+        usage = usage if usage is not None else Usage()
+        async with self._request(None, prompt=text, max_tokens=1, temperature=0.0) as (server, completion):
+            counted = _usage_of(completion, server)
+        usage.prompt_tokens += counted.prompt_tokens
+        usage.generated_tokens += counted.completion_tokens  # the one token this request had to generate
+        self._counters.prefills += 1
+        self._counters.prefill_tokens += counted.prompt_tokens
+        self._counters.generated_tokens += counted.completion_tokens
+        root = RemoteBranch(engine=self, usage=usage, context_tokens=counted.prompt_tokens, prompt=text,
+                            server=server)
+        self._live.add(root)
+        return root
+
+    async def fork(self, branch: Branch, n: int) -> list[Branch]:
+        assert isinstance(branch, RemoteBranch)
+        if branch.job is not None:
+            raise PonderError("cannot fork a branch while it is extending")
+        children = []
+        for _ in range(n):
+            child = RemoteBranch(
+                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, text=branch.text,
+                tokens=list(branch.tokens), token_logprobs=list(branch.token_logprobs),
+                confidences=list(branch.confidences), entropies=list(branch.entropies), prompt=branch.prompt,
+                server=branch.server,
+            )
+            branch.usage.prompt_tokens_shared += branch.context_tokens
+            self._live.add(child)
+            children.append(child)
+        return children
+
+    async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
+        assert isinstance(branch, RemoteBranch)
+        if branch.job is not None:
+            raise PonderError("this branch is already extending")
+        if params.wants_logprobs and not all(s.supports_logprobs for s in self._servers):
+            raise PonderError("this strategy needs token logprobs, which the remote server does not return")
+        branch.finish_reason = branch.matched_stop = None
+        loop = asyncio.get_running_loop()
+        job = _Extend(branch, params, stop_if, loop.create_future(), text_start=len(branch.text))
+        branch.job = job
+        self._pending.append(job)
+        if len(self._pending) == 1:
+            # Siblings extended in the same gather() all start in this loop turn; dispatch once they have.
+            loop.call_soon(self._dispatch_pending)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            branch.release()  # the caller gave up (client gone, Ctrl-C): stop its request
+            raise
+
+    async def score(self, branch: Branch, continuation: str) -> float:
+        assert isinstance(branch, RemoteBranch)
+        if not continuation:
+            raise PonderError("score needs a non-empty continuation")
+        if not all(s.supports_echo_logprobs for s in self._servers):
+            raise PonderError("score() needs prompt logprobs (echo with logprobs) that the remote server does not "
+                              "return correctly; vLLM does (llama-cpp-python 0.3's are shifted by one token)")
+        prefix = branch.prompt + branch.text
+        async with self._request(branch.server, prompt=prefix + continuation, max_tokens=1, temperature=0.0,
+                                 echo=True, logprobs=1) as (server, completion):
+            counted = _usage_of(completion, server)
+        logprobs = completion.choices[0].logprobs
+        if logprobs is None or not logprobs.token_logprobs or not logprobs.tokens:
+            raise PonderError(f"{server.url} returned no prompt logprobs for score()")
+        # The continuation is the end of the prompt. Servers differ in whether the echo lists the generated token and
+        # in how text_offset counts special tokens, so find it from the prompt tokens' own texts, from the end.
+        prompt_entries = list(zip(logprobs.tokens, logprobs.token_logprobs))[: counted.prompt_tokens]
+        joined = "".join(token for token, _ in prompt_entries)
+        if not joined.endswith(continuation):
+            raise PonderError(f"{server.url} echoed a prompt that does not end with the scored continuation")
+        start, position = len(joined) - len(continuation), 0
+        total, scored = 0.0, 0
+        for token, logprob in prompt_entries:
+            if position + len(token) > start and logprob is not None:
+                total += logprob
+                scored += 1
+            position += len(token)
+        branch.usage.scored_tokens += scored
+        branch.usage.generated_tokens += counted.completion_tokens
+        self._counters.generated_tokens += counted.completion_tokens
+        return total
+
+    def release(self, branch: Branch) -> None:
+        assert isinstance(branch, RemoteBranch)
+        job = branch.job
+        if job is not None:
+            job.ended_here = True
+            self._finish(job, "cancelled")
+            if job.request is not None and all(j.done for j in job.group):
+                job.request.cancel()  # closing the stream makes the server stop generating
+        self._live.discard(branch)
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        c.live_branches = len(self._live)
+        c.kv_cells_used = sum(b.context_tokens for b in self._live)  # context the servers hold for live branches
+        c.waiting = self._waiting_requests
+        return c
+
+    def close(self) -> None:
+        state, self._loop_clients = self._loop_clients, None
+        if state is None or state.loop.is_closed():
+            return
+        for client in state.clients.values():
+            if state.loop.is_running():
+                state.loop.create_task(client.close())
+            else:
+                state.loop.run_until_complete(client.close())
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+
+    def _dispatch_pending(self) -> None:
+        jobs, self._pending = self._pending, []
+        groups: dict[object, list[_Extend]] = {}
+        for job in jobs:
+            if job.done:  # released before it was sent
+                continue
+            if job.shareable and self._n_everywhere:
+                key = (job.branch.prompt, job.branch.text, dataclasses.astuple(_without_seed(job.params)))
+            else:
+                key = job
+            groups.setdefault(key, []).append(job)
+        loop = asyncio.get_running_loop()
+        for group in groups.values():
+            for i in range(0, len(group), self._max_n):
+                batch = group[i : i + self._max_n]
+                request = loop.create_task(self._generate(batch))
+                for job in batch:
+                    job.request, job.group = request, batch
+
+    async def _generate(self, jobs: list[_Extend]) -> None:
+        """One streamed request whose ``n`` choices feed ``jobs`` (their branches share prefix and parameters)."""
+        first = jobs[0]
+        params = first.params
+        body = dict(prompt=first.branch.prompt + first.branch.text, max_tokens=params.max_tokens,
+                    temperature=params.temperature, top_p=params.top_p, stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"top_k": params.top_k, "min_p": params.min_p,
+                                **({"ignore_eos": True} if params.ignore_eos else {})})
+        if len(jobs) > 1:
+            body["n"] = len(jobs)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.wants_logprobs:
+            body["logprobs"] = max(params.top_logprobs, 1)
+        counted, url = 0, "the remote server"
+        try:
+            async with self._request(first.branch.server, **body) as (server, stream):
+                url = server.url
+                for job in jobs:
+                    job.branch.server = server
+                async with stream:
+                    async for chunk in stream:
+                        for choice in chunk.choices:
+                            job = jobs[choice.index]
+                            if not job.done:
+                                counted += self._feed(job, choice)
+                        if chunk.usage is not None:
+                            self._count_unseen(jobs, chunk.usage.completion_tokens - counted)
+                        if all(j.done for j in jobs) and any(j.ended_here for j in jobs):
+                            break  # the rest is of no use: closing the stream stops the server
+            for job in jobs:
+                if not job.done:
+                    raise PonderError(
+                        f"{url} ended the stream before the completion finished (llama-cpp-python's server "
+                        "does so when another request arrives unless started with --interrupt_requests false)")
+        except Exception as exc:  # every waiting extend gets the error; a bug reaches its caller unchanged
+            error = exc
+            if isinstance(exc, openai.APIConnectionError):  # raised by the stream: the server went away
+                error = RemoteUnavailableError(f"lost the connection to {url} during generation")
+            elif isinstance(exc, openai.APIError):
+                error = PonderError(f"{url} failed during generation: {exc}")
+            for job in jobs:
+                if not job.future.done():
+                    job.branch.job = None
+                    job.done = True
+                    job.future.set_exception(error)
+
+    def _feed(self, job: _Extend, choice) -> int:
+        """Apply one streamed choice delta to the job's branch; return the tokens it carried."""
+        b = job.branch
+        logprobs = choice.logprobs
+        count = len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(choice.text))
+        if count:
+            b.text += choice.text
+            b.tokens.extend([-1] * count)
+            b.context_tokens += count
+            b.usage.generated_tokens += count
+            self._counters.generated_tokens += count
+            if job.params.wants_logprobs and logprobs is not None:
+                _record_logprobs(b, logprobs, job.params.top_logprobs)
+            if job.params.stop and self._matched_stop(job, len(choice.text)):
+                job.ended_here = True
+                self._finish(job, "stop")
+            elif job.stop_if is not None and job.stop_if(b):
+                job.ended_here = True
+                self._finish(job, "halted")
+        if not job.done and choice.finish_reason is not None:
+            self._finish(job, "length" if choice.finish_reason == "length" else "stop")
+        return count
+
+    def _count_unseen(self, jobs: list[_Extend], unseen: int) -> None:
+        """Tokens the server reports but did not stream as chunks of their own (e.g. an end token) still cost."""
+        usages = {id(j.branch.usage): j.branch.usage for j in jobs}
+        if unseen > 0 and len(usages) == 1:
+            next(iter(usages.values())).generated_tokens += unseen
+            self._counters.generated_tokens += unseen
+
+    def _matched_stop(self, job: _Extend, piece_len: int) -> bool:
+        b = job.branch
+        longest = max(len(s) for s in job.params.stop)
+        window_start = max(job.text_start, len(b.text) - piece_len - longest + 1)
+        for stop in job.params.stop:
+            if b.text.find(stop, window_start) >= 0:
+                b.matched_stop = stop
+                return True
+        return False
+
+    def _finish(self, job: _Extend, reason: str) -> None:
+        job.done = True
+        job.branch.finish_reason = reason
+        job.branch.job = None
+        if not job.future.done():
+            job.future.set_result(job.branch)
+
+    @asynccontextmanager
+    async def _request(self, hint: _Server | None, **body):
+        """Send ``body`` to ``/v1/completions`` on the least-loaded server that is up; yield (server, response).
+
+        Connection errors, 429 and 5xx are retried up to ``retries`` times: at once on another server if one has not
+        failed yet, else after an exponential backoff. The server's concurrency slot is held until the caller leaves
+        the block (a stream is read inside it).
+        """
+        clients = self._clients()
+        failed: set[str] = set()
+        for attempt in range(self._retries + 1):
+            server = self._pick(hint, failed)
+            server.in_flight += 1
+            try:
+                async with self._slot(clients.slots[server.url]):
+                    self._counters.decode_steps += 1
+                    try:
+                        response = await clients.clients[server.url].completions.create(model=self.model.name,
+                                                                                        **body)
+                    except openai.APIConnectionError as exc:
+                        server.down_until = time.monotonic() + DOWN_S
+                        error = RemoteUnavailableError(f"cannot reach the OpenAI-compatible server at {server.url} "
+                                                       f"({exc.__cause__ or exc}); is it running?")
+                    except openai.APIStatusError as exc:
+                        error = _status_error(server, exc, retried=attempt)
+                        if not isinstance(error, RemoteUnavailableError):
+                            raise error from None
+                    else:
+                        yield server, response
+                        return
+            finally:
+                server.in_flight -= 1
+            failed.add(server.url)
+            if attempt == self._retries:
+                raise error
+            if len(failed) >= len(self._servers):  # every server has failed once: wait before the next round
+                failed.clear()
+                await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2**attempt) * random.uniform(0.75, 1.0))
+
+    @asynccontextmanager
+    async def _slot(self, slots: asyncio.Semaphore):
+        self._waiting_requests += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._waiting_requests -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+
+    def _pick(self, hint: _Server | None, failed: set[str]) -> _Server:
+        now = time.monotonic()
+        untried = [s for s in self._servers if s.url not in failed] or self._servers
+        candidates = [s for s in untried if s.down_until <= now] or untried
+        return min(candidates, key=lambda s: (s.in_flight, s is not hint))
+
+
+def _without_seed(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, seed=None)
+
+
+def _record_logprobs(b: RemoteBranch, logprobs, top_k: int) -> None:
+    b.token_logprobs.extend(lp for lp in logprobs.token_logprobs if lp is not None)
+    if not top_k:
+        return
+    for alternatives in logprobs.top_logprobs or []:
+        best = sorted((alternatives or {}).values(), reverse=True)[:top_k]
+        if best:
+            b.confidences.append(-sum(best) / len(best))
+            b.entropies.append(-sum(math.exp(lp) * lp for lp in best))
+
+
+def _usage_of(completion, server: _Server):
+    if completion.usage is None:
+        raise PonderError(f"{server.url} reports no token usage; ponder needs it to count tokens honestly")
+    return completion.usage
+
+
+def _status_error(server: _Server, exc: openai.APIStatusError, retried: int) -> PonderError:
+    """A refusal as a ponder error; 429 and 5xx are ``RemoteUnavailableError`` (worth retrying)."""
+    message = _error_message(exc)
+    if exc.status_code in (400, 413) and any(marker in message.lower() for marker in _CONTEXT_ERRORS):
+        return PromptTooLongError(f"{server.url}: {message}")
+    if exc.status_code == 429 or exc.status_code >= 500:
+        return RemoteUnavailableError(f"{server.url} answered {exc.status_code} (after {retried} retries): {message}")
+    return PonderError(f"{server.url} refused the request ({exc.status_code}): {message}")
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return exc.message
+
+
+def _api_root(url: str) -> str:
+    """``http://host:port`` -> ``http://host:port/v1``; a URL with a path is taken as given."""
+    url = url.rstrip("/")
+    if not urlsplit(url).scheme:
+        raise PonderError(f"base URL {url!r} needs a scheme, e.g. http://{url}/v1")
+    return url if urlsplit(url).path else url + "/v1"
+
+
+def _model_ids(client: openai.OpenAI, url: str) -> list[str]:
+    try:
+        return [m.id for m in client.models.list()]
+    except openai.APIConnectionError as exc:
+        raise RemoteUnavailableError(f"cannot reach the OpenAI-compatible server at {url} "
+                                     f"({exc.__cause__ or exc}); is it running?") from None
+    except openai.APIStatusError as exc:
+        raise PonderError(f"{url}/models answered {exc.status_code}: {_error_message(exc)}") from None
+
+
+def _only_model(url: str, models: list[str]) -> str:
+    if len(models) != 1:
+        raise PonderError(f"{url} serves {len(models)} models ({', '.join(models) or 'none'}); choose one with --model")
+    return models[0]
+
+
+def _probe(client: openai.OpenAI, url: str, models: list[str], served: str) -> _Server:
+    """Ask the server what it honours: ``n`` > 1 (llama.cpp's servers ignore or reject it), logprobs, and prompt
+    logprobs with ``echo`` that belong to the right tokens (llama-cpp-python 0.3's are shifted by one position)."""
+    if served not in models:
+        raise PonderError(f"{url} does not serve {served!r}; it serves: {', '.join(models) or 'nothing'}")
+
+    def answer(prompt: str = "1+1=", temperature: float = 0.0, **extra) -> openai.types.Completion | None:
+        try:
+            return client.completions.create(model=served, prompt=prompt, max_tokens=1, temperature=temperature,
+                                             **extra)
+        except openai.APIStatusError:
+            return None
+
+    with_n = answer(n=2, temperature=1.0)  # some servers refuse n > 1 with greedy sampling
+    with_logprobs = answer(logprobs=1)
+    echoed = answer(COUNTING, echo=True, logprobs=1)
+    logprobs = with_logprobs.choices[0].logprobs if with_logprobs is not None else None
+    return _Server(url=url, supports_n=with_n is not None and len(with_n.choices) == 2,
+                   supports_logprobs=logprobs is not None and bool(logprobs.token_logprobs),
+                   supports_echo_logprobs=echoed is not None and _echo_aligned(echoed.choices[0].logprobs))
+
+
+def _echo_aligned(logprobs) -> bool:
+    """In a counting prompt nearly every token is the model's top guess: if the top alternatives listed at position i
+    match token i, the prompt logprobs are aligned; if they match token i+1, every entry is off by one position."""
+    if logprobs is None or not logprobs.tokens or not logprobs.top_logprobs:
+        return False
+    tokens = logprobs.tokens
+    guesses = [max(top, key=top.get) if top else None for top in logprobs.top_logprobs]
+    aligned = sum(guesses[i] == tokens[i] for i in range(1, len(tokens)))
+    off_by_one = sum(guesses[i] == tokens[i + 1] for i in range(1, len(tokens) - 1))
+    return aligned > off_by_one
+
+
+def _chat_formatter(template: str) -> Jinja2ChatFormatter:
+    if template in CHAT_TEMPLATES:
+        source, eos = CHAT_TEMPLATES[template], "<|im_end|>"
+    else:
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise PonderError(f"chat template {template!r} is neither a known name ({', '.join(CHAT_TEMPLATES)}) "
+                              "nor a file")
+        source, eos = path.read_text(), ""
+    # No BOS in the text: the server adds it when it tokenizes a /v1/completions prompt.
+    return Jinja2ChatFormatter(template=source, eos_token=eos, bos_token="", add_generation_prompt=True)

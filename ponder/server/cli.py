@@ -1,0 +1,60 @@
+"""``ponder serve``: the OpenAI-compatible server over one engine (in-process llama.cpp or a remote server)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from ..engine import PonderError, load_engine
+from ..options import add_model_arguments, positive_int
+from .app import ServerConfig, create_app
+
+API_KEY_ENV = "PONDER_API_KEY"
+
+
+def register(subparsers) -> None:
+    defaults = ServerConfig()
+    serve = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible API",
+        description="Serve GET /v1/models, POST /v1/chat/completions, GET /health and GET /metrics. The strategy of "
+                    "a request comes from its model name (sc-16/MODEL) or its 'ponder' field; see docs/server.md.")
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV} if set)")
+    serve.add_argument("--strategy", default=defaults.default_strategy,
+                       help=f"strategy for requests that name none (default: {defaults.default_strategy})")
+    serve.add_argument("--n", type=positive_int, default=defaults.default_n,
+                       help=f"branches for requests that give no n (default: {defaults.default_n})")
+    serve.add_argument("--max-running", type=positive_int, default=defaults.max_running,
+                       help=f"requests decoded at once (default: {defaults.max_running})")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help=f"requests waiting beyond those; more are refused with 429 (default: {defaults.max_queue})")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = ServerConfig(default_strategy=args.strategy, default_n=args.n,
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                          max_running=args.max_running, max_queue=args.max_queue)
+    listener = _listen(args.host, args.port)  # before loading the model: a busy port fails at once
+    engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+    try:
+        app = create_app(engine, config)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+    finally:
+        engine.close()
+        listener.close()
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise PonderError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

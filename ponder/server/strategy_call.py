@@ -1,0 +1,136 @@
+"""From a chat-completion request to one strategy run: which strategy, how many branches, which options.
+
+The rules (documented for users in docs/server.md):
+
+* Strategy: ``ponder.strategy``, or the model-name prefix (``adaptive/qwen2.5-0.5b``, ``sc-16/qwen2.5-0.5b``), or the
+  server's default. Two sources that disagree are a 400.
+* ``n`` is the number of branches the strategy runs (for ``sc``: the samples it votes on). It comes from
+  ``ponder.n``, the model-name suffix (``sc-16``) or the top-level ``n`` (when above 1, since clients often send the
+  OpenAI default ``n: 1``); two sources that disagree are a 400. The response always holds exactly one choice: the
+  strategy's decision.
+* The question is the one user message. System and developer messages are accepted and ignored (every strategy writes
+  its own prompt); earlier conversation turns are refused, because a strategy answers one question.
+* Any other key of ``ponder`` is an option of the strategy, accepted only if the strategy's ``run`` takes a keyword of
+  that name, and validated against its type annotation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..engine.base import Engine, PonderError, SamplingParams
+from ..options import OptionError, check_strategy_options
+from ..result import Result
+from ..strategies import STRATEGIES, get_strategy
+from .schemas import MAX_N, ApiError, ChatCompletionRequest, ChatMessage
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+@dataclass
+class StrategyCall:
+    strategy: str
+    run: Callable[..., Awaitable[Result]]
+    question: str
+    n: int
+    params: SamplingParams
+    seed: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    async def __call__(self, engine: Engine) -> Result:
+        return await self.run(engine, self.question, n=self.n, params=self.params, seed=self.seed, **self.options)
+
+
+def plan_call(request: ChatCompletionRequest, served_model: str, *, default_strategy: str,
+              default_n: int) -> StrategyCall:
+    """Resolve ``request`` into a strategy call; every problem is an ``ApiError`` naming the field."""
+    named_strategy, named_n = parse_model_name(request.model, served_model)
+    ponder = request.ponder
+    strategy = _agree("strategy", {"ponder.strategy": ponder and ponder.strategy, "model": named_strategy})
+    strategy = strategy or default_strategy
+    try:
+        run = get_strategy(strategy)
+    except PonderError as exc:
+        raise ApiError(400, str(exc), param="ponder.strategy", code="unknown_strategy") from None
+    n = _agree("n", {"ponder.n": ponder and ponder.n, "model": named_n,
+                     "n": request.n if request.n and request.n > 1 else None})
+    extra = dict(ponder.model_extra or {}) if ponder else {}
+    if ponder and ponder.budget is not None:
+        extra["budget"] = ponder.budget
+    return StrategyCall(
+        strategy=strategy,
+        run=run,
+        question=question_of(request.messages),
+        n=n or default_n,
+        params=sampling_params(request),
+        seed=request.seed,
+        options=strategy_options(strategy, extra),
+    )
+
+
+def parse_model_name(requested: str, served: str) -> tuple[str | None, int | None]:
+    """``served`` -> (None, None); ``STRATEGY/served`` -> (strategy, None); ``STRATEGY-N/served`` -> (strategy, N)."""
+    if requested == served:
+        return None, None
+    prefix, slash, rest = requested.partition("/")
+    if not slash or rest != served:
+        raise ApiError(404, f"model {requested!r} is not served here; use {served!r}, or put a strategy in front: "
+                            f"'sc/{served}', 'sc-16/{served}'", param="model", code="model_not_found")
+    if prefix in STRATEGIES:
+        return prefix, None
+    match = re.fullmatch(r"(.+)-(\d+)", prefix)
+    if match is None or match.group(1) not in STRATEGIES:
+        raise ApiError(400, f"unknown strategy {prefix!r} in the model name; choose one of: "
+                            f"{', '.join(sorted(STRATEGIES))} (optionally with -N, e.g. sc-16)",
+                       param="model", code="unknown_strategy")
+    n = int(match.group(2))
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n in the model name must be between 1 and {MAX_N}, got {n}", param="model")
+    return match.group(1), n
+
+
+def _agree(what: str, sources: dict[str, Any]):
+    given = {source: value for source, value in sources.items() if value is not None}
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{source}={value!r}" for source, value in given.items())
+        raise ApiError(400, f"conflicting {what}: {listed}; give it once", param=next(iter(given)))
+    return next(iter(given.values()), None)
+
+
+def question_of(messages: list[ChatMessage]) -> str:
+    conversation = [m for m in messages if m.role not in ("system", "developer")]
+    if len(conversation) != 1 or conversation[0].role != "user":
+        raise ApiError(400, "ponder answers one question per request: send exactly one user message (system "
+                            "messages are accepted and ignored; earlier turns are not supported)", param="messages")
+    question = conversation[0].text.strip()
+    if not question:
+        raise ApiError(400, "the user message is empty", param="messages")
+    return question
+
+
+def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
+    defaults = SamplingParams()
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
+    params = SamplingParams(
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        max_tokens=request.max_completion_tokens or request.max_tokens or defaults.max_tokens,
+        stop=stop,
+    )
+    try:
+        return params.validate()
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def strategy_options(strategy: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` checked against the strategy's keywords; an unknown name or a bad value is a 400 naming it."""
+    try:
+        return check_strategy_options(strategy, given)
+    except OptionError as exc:
+        raise ApiError(400, f"ponder.{exc}" if str(exc).startswith("option ") else str(exc),
+                       param=f"ponder.{exc.option}") from None

@@ -1,0 +1,34 @@
+"""Strategies by name. Each is ``async run(engine, question, *, n, params, seed, budget=None, **options) -> Result``
+in a module of its own; the module docstring documents its options, which are keyword arguments of ``run``."""
+
+from __future__ import annotations
+
+from ..engine.base import PonderError
+from . import adaptive, bon, deepconf, greedy, sc, short_mk
+
+STRATEGIES = {
+    "greedy": greedy.run,
+    "sc": sc.run,
+    "adaptive": adaptive.run,
+    "deepconf": deepconf.run,
+    "short-m@k": short_mk.run,
+    "first-finish": short_mk.first_finish,
+    "bon": bon.run,
+}
+
+DESCRIPTIONS = {
+    "greedy": "one branch at temperature 0",
+    "sc": "self-consistency: n samples, majority vote (or weighted: logprob, self-certainty, rpc)",
+    "adaptive": "Adaptive-Consistency: add samples only while the vote is unsettled (Beta/Dirichlet rule)",
+    "deepconf": "DeepConf: confidence-filtered weighted vote; online mode cancels low-confidence branches mid-decode",
+    "short-m@k": "run n branches, stop when m have finished, vote among those m",
+    "first-finish": "run n branches, answer with the first to finish (short-1@k)",
+    "bon": "best-of-n: the candidate a verifier (self, judge or program) scores highest",
+}
+
+
+def get_strategy(name: str):
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise PonderError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None

@@ -1,0 +1,33 @@
+"""Adaptive-Consistency (Aggarwal et al., 2023): self-consistency that stops sampling once the vote is settled.
+
+Start ``init`` branches; whenever all running branches have finished and the vote is still unsettled, start ``step``
+more, up to ``n`` in all (and within the token budget). After every finished branch the stopping rule asks whether
+the leading answer stays the leader with probability >= ``threshold``; once it does, the branches still running are
+cancelled and the vote is final. With the defaults, four agreeing answers settle the vote after the first wave.
+
+Options:
+  init       branches in the first wave (default 4)
+  step       branches added per later wave (default 2)
+  threshold  probability that the leader stays the leader (default 0.95)
+  rule       ``beta`` (the two leading answers, exact; default) or ``dirichlet`` (all answers, Monte Carlo)
+"""
+
+from __future__ import annotations
+
+from ..engine.base import Engine, PonderError, SamplingParams
+from ..result import Result
+from ..stopping import LeaderStable
+from .pool import Pool, run_config
+
+
+async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
+              seed: int | None = None, budget: int | None = None, init: int = 4, step: int = 2,
+              threshold: float = 0.95, rule: str = "beta") -> Result:
+    if step < 1:
+        raise PonderError(f"step must be at least 1, got {step}")
+    settled = LeaderStable(threshold, rule)
+    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+        await pool.sample(params, first=min(init, n), then=step, limit=n, until=settled)
+        config = run_config(n=n, params=params, seed=seed, budget=budget, init=init, step=step,
+                            threshold=threshold, rule=rule)
+        return pool.result("adaptive", config)

@@ -1,0 +1,39 @@
+"""Best-of-N: sample ``n`` candidate solutions, score each with a verifier, answer with the best-scored one.
+
+A candidate that states no answer is chosen only when none does. Ties in score go to the candidate whose answer more
+candidates share, then to the one that finished first. The candidates' KV cells stay alive until they are scored, so
+the ``self`` verifier reuses them. Verifier tokens are in the result's usage (``scored_tokens``; a judge's prompts
+also in ``prompt_tokens``); the token budget caps generation.
+
+Options:
+  verifier  ``self`` (default), ``judge`` or ``program`` (see ``ponder.verifiers``)
+  judge     the judge model for ``verifier=judge``: a bundled model name or a GGUF path (default qwen2.5-1.5b,
+            needs the ``large`` extra); the name of the generating model reuses its engine
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..engine.base import Engine, SamplingParams
+from ..result import Result
+from ..stopping import ballot
+from ..verifiers import DEFAULT_JUDGE, get_verifier
+from .pool import Pool, run_config
+
+
+async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
+              seed: int | None = None, budget: int | None = None, verifier: str = "self",
+              judge: str = DEFAULT_JUDGE) -> Result:
+    check = get_verifier(verifier, engine=engine, judge=judge)
+    config = run_config(n=n, params=params, seed=seed, budget=budget, verifier=verifier,
+                        **({"judge": judge} if verifier == "judge" else {}))
+    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+        candidates = await pool.sample(params, first=n, keep=True)
+        if not candidates:  # the budget ran out before any candidate finished
+            return pool.result("bon", config)
+        scores = await asyncio.gather(*(check.score(question, c) for c in candidates))
+        # support = how many candidates share i's answer; 0 for a candidate without one, which can win only alone
+        support = {i: len(group) for group in ballot(candidates).members.values() for i in group}
+        best = max(range(len(candidates)), key=lambda i: (i in support, scores[i], support.get(i, 0), -i))
+        return pool.result("bon", config, [candidates[best]], [scores[best]])

@@ -1,0 +1,23 @@
+"""Self-consistency (Wang et al., 2022): sample N reasoning paths from one prefilled prompt, vote on the answers.
+
+Options:
+  weighting  how each answer counts: ``majority`` (default), ``logprob``, ``self-certainty`` or ``rpc``
+             (see ``ponder.strategies.weights``).
+"""
+
+from __future__ import annotations
+
+from ..engine.base import Engine, SamplingParams
+from ..result import Result
+from .pool import Pool, run_config
+from .weights import get_weighting
+
+
+async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
+              seed: int | None = None, budget: int | None = None, weighting: str = "majority") -> Result:
+    scheme = get_weighting(weighting)
+    params = scheme.sampling(params)
+    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+        finished = await pool.sample(params, first=n)
+        config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting)
+        return pool.result("sc", config, finished, scheme.weigh(finished))

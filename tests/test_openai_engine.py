@@ -1,0 +1,304 @@
+"""The remote engine's own logic, fast: URL handling, chat templates, error mapping, retries, failover, dispatch.
+
+Retries and failover need a server that misbehaves on demand, so these tests run a small scripted
+``/v1/completions`` app on 127.0.0.1; generation itself is tested against a real llama.cpp server in
+``test_openai_engine_model.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from live_server import LiveServer
+
+from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, Usage
+from ponder.engine.openai import (OpenAIEngine, RemoteUnavailableError, _api_root, _chat_formatter, _echo_aligned,
+                                  _status_error)
+from ponder.prompts import math_messages
+
+
+class ScriptedCompletions:
+    """An OpenAI-compatible app whose ``/v1/completions`` plays ``words`` (one chunk per word when streaming), with
+    ``n`` choices if ``honours_n``, after ``delay`` seconds, failing the next ``failures`` calls with
+    ``failure_status`` first, or breaking the connection after ``break_after`` words. Like vLLM, its usage counts the end-of-sequence token, which streams no text."""
+
+    def __init__(self, honours_n: bool = False):
+        self.honours_n = honours_n
+        self.words = ["The", " answer", " is", " 4", "."]
+        self.failures, self.failure_status, self.delay = 0, 503, 0.0
+        self.break_after: int | None = None  # words streamed before the connection breaks
+        self.bodies: list[dict] = []
+        self.app = FastAPI()
+
+        @self.app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}
+
+        @self.app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.bodies.append(body)
+            await asyncio.sleep(self.delay)
+            if self.failures > 0:
+                self.failures -= 1
+                return JSONResponse({"error": {"message": "overloaded, try again"}}, status_code=self.failure_status)
+            n = body.get("n", 1) if self.honours_n else 1
+            if body.get("stream"):
+                return StreamingResponse(self._stream(n, body["max_tokens"]), media_type="text/event-stream")
+            return self._completion([{"index": i, "text": "x", "finish_reason": "length", "logprobs": None}
+                                     for i in range(n)], usage=(3, n))
+
+    @property
+    def hits(self) -> int:
+        return len(self.bodies)
+
+    def _completion(self, choices: list[dict], usage: tuple[int, int] | None = None) -> dict:
+        completion = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "scripted",
+                      "choices": choices}
+        if usage:
+            completion["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                   "total_tokens": sum(usage)}
+        return completion
+
+    async def _stream(self, n: int, max_tokens: int):
+        words = self.words[:max_tokens]
+        finish = "length" if len(self.words) >= max_tokens else "stop"
+        for k, word in enumerate(words):
+            if k == self.break_after:
+                raise ConnectionAbortedError("the server process died")
+            for i in range(n):
+                chunk = self._completion([{"index": i, "text": word, "finish_reason": None, "logprobs": None}])
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0)
+        for i in range(n):
+            chunk = self._completion([{"index": i, "text": "", "finish_reason": finish, "logprobs": None}])
+            yield f"data: {json.dumps(chunk)}\n\n"
+        generated = n * (len(words) + (finish == "stop"))
+        yield f"data: {json.dumps(self._completion([], usage=(3, generated)))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture
+def scripted():
+    started = []
+
+    def start(**options) -> tuple[ScriptedCompletions, LiveServer]:
+        backend = ScriptedCompletions(**options)
+        started.append(LiveServer(backend.app))
+        return backend, started[-1]
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_base_urls_get_v1_when_they_have_no_path():
+    assert _api_root("http://127.0.0.1:8080") == "http://127.0.0.1:8080/v1"
+    assert _api_root("http://127.0.0.1:8080/") == "http://127.0.0.1:8080/v1"
+    assert _api_root("http://h:1/proxy/v1") == "http://h:1/proxy/v1"
+    with pytest.raises(PonderError, match="needs a scheme"):
+        _api_root("127.0.0.1:8080")
+
+
+def test_qwen_template_renders_like_the_bundled_gguf_template():
+    # The prompt the in-process engine renders from the GGUF's own template for the same messages.
+    expected = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                "<|im_start|>user\nWhat is 2+2?\nPlease reason step by step, and put your final answer within "
+                "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    assert _chat_formatter("qwen2.5")(messages=math_messages("What is 2+2?")).prompt == expected
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert _chat_formatter("qwen2.5")(messages=system).prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_from_a_file(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>>")
+    rendered = _chat_formatter(str(template))(messages=[{"role": "user", "content": "Hi"}]).prompt
+    assert rendered == "[user] Hi\n>>"
+    with pytest.raises(PonderError, match="neither a known name"):
+        _chat_formatter(str(tmp_path / "missing.jinja"))
+
+
+def test_echo_alignment_detects_logprobs_shifted_by_one():
+    tokens = ["1", ",", " 2", ",", " 3", ","]
+    aligned = SimpleNamespace(tokens=tokens, top_logprobs=[None] + [{t: -0.1} for t in tokens[1:]])
+    shifted = SimpleNamespace(tokens=tokens, top_logprobs=[{t: -0.1} for t in tokens[1:]] + [{"x": -0.1}])
+    assert _echo_aligned(aligned)
+    assert not _echo_aligned(shifted)
+    assert not _echo_aligned(None)
+
+
+def _api_error(status: int, message: str):
+    response = httpx.Response(status, request=httpx.Request("POST", "http://h/v1/completions"))
+    return openai.APIStatusError(message, response=response, body={"error": {"message": message}})
+
+
+def test_status_errors_map_to_clear_ponder_errors():
+    server = SimpleNamespace(url="http://h/v1")
+    too_long = _status_error(server, _api_error(400, "This model's maximum context length is 2048 tokens"), 0)
+    assert isinstance(too_long, PromptTooLongError) and "maximum context length" in str(too_long)
+    down = _status_error(server, _api_error(503, "overloaded"), 3)
+    assert isinstance(down, RemoteUnavailableError) and "answered 503 (after 3 retries): overloaded" in str(down)
+    refused = _status_error(server, _api_error(404, "no such model"), 0)
+    assert type(refused) is PonderError and "refused the request (404): no such model" in str(refused)
+
+
+def test_a_server_that_is_down_is_a_clear_error():
+    port = free_port()
+    with pytest.raises(RemoteUnavailableError, match=rf"cannot reach .*127.0.0.1:{port}/v1.*is it running\?"):
+        OpenAIEngine([f"http://127.0.0.1:{port}"], "anything")
+
+
+def test_an_unknown_model_names_what_is_served(scripted):
+    _, served = scripted()
+    with pytest.raises(PonderError, match="does not serve 'gpt-9'; it serves: scripted"):
+        OpenAIEngine([served.url], "gpt-9")
+
+
+def test_the_only_served_model_is_the_default(scripted):
+    _, served = scripted()
+    engine = OpenAIEngine([served.url], None)
+    assert engine.model.name == "scripted" and engine.model.path == f"{served.url}/v1"
+    engine.close()
+
+
+def test_429_and_5xx_are_retried_with_backoff(scripted, monkeypatch):
+    monkeypatch.setattr("ponder.engine.openai.BACKOFF_S", 0.05)
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url], retries=2)
+    backend.bodies, backend.failures, backend.failure_status = [], 2, 429
+    usage = Usage()
+    root = asyncio.run(engine.open("a prompt", usage))
+    assert backend.hits == 3  # two refusals, then the answer
+    assert root.context_tokens == 3 and usage.prompt_tokens == 3 and usage.generated_tokens == 1
+
+    backend.bodies, backend.failures, backend.failure_status = [], 100, 503
+    with pytest.raises(RemoteUnavailableError, match=r"answered 503 \(after 2 retries\): overloaded"):
+        asyncio.run(engine.open("a prompt"))
+    assert backend.hits == 3  # the first try and two retries
+
+
+def test_requests_go_to_the_least_loaded_server_and_skip_one_that_is_down(scripted):
+    (first, one), (second, two) = scripted(), scripted()
+    engine = OpenAIEngine([one.url, two.url])
+    first.delay = second.delay = 0.2
+    first.bodies, second.bodies = [], []
+
+    async def opens(k: int):
+        return await asyncio.gather(*(engine.open("a prompt") for _ in range(k)))
+
+    asyncio.run(opens(4))
+    assert (first.hits, second.hits) == (2, 2)
+
+    one.stop()
+    started = time.perf_counter()
+    roots = asyncio.run(opens(3))
+    assert len(roots) == 3 and second.hits == 5
+    assert time.perf_counter() - started < 2  # no backoff: the other server takes over at once
+    assert engine.stats().live_branches == 7
+    for root in roots:
+        root.release()
+    assert engine.stats().live_branches == 4
+
+    two.stop()
+    with pytest.raises(RemoteUnavailableError, match=rf"cannot reach .*{two.url}/v1.*is it running\?"):
+        asyncio.run(opens(1))
+
+
+async def three_siblings(engine: OpenAIEngine, stop_if=None):
+    usage = Usage()
+    root = await engine.open("Q: 2+2? A:", usage)
+    branches = await root.fork(3)
+    await asyncio.gather(*(b.extend(SamplingParams(max_tokens=10), stop_if) for b in branches))
+    for branch in [root, *branches]:
+        branch.release()
+    return branches, usage
+
+
+def test_siblings_share_one_request_with_n_where_the_server_honours_it(scripted):
+    backend, served = scripted(honours_n=True)
+    engine = OpenAIEngine([served.url])
+    assert engine._servers[0].supports_n
+    backend.bodies = []
+    branches, usage = asyncio.run(three_siblings(engine))
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert len(streamed) == 1 and streamed[0]["n"] == 3
+    assert [b.text for b in branches] == ["The answer is 4."] * 3
+    assert all(b.finish_reason == "stop" and len(b.tokens) == 5 for b in branches)
+    # 15 streamed tokens, the 3 end tokens the server counted but did not stream, the open request's token
+    assert usage.generated_tokens == 15 + 3 + 1
+    assert usage.prompt_tokens == 3 and usage.prompt_tokens_shared == 9
+
+
+def test_a_per_token_rule_gives_each_branch_its_own_request(scripted):
+    backend, served = scripted(honours_n=True)
+    engine = OpenAIEngine([served.url])
+    backend.bodies = []
+    branches, usage = asyncio.run(three_siblings(engine, stop_if=lambda b: len(b.tokens) >= 2))
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert len(streamed) == 3 and all("n" not in body for body in streamed)
+    assert [b.text for b in branches] == ["The answer"] * 3
+    assert all(b.finish_reason == "halted" for b in branches)
+
+
+def test_without_n_each_branch_is_a_concurrent_request(scripted):
+    backend, served = scripted(honours_n=False)
+    engine = OpenAIEngine([served.url])
+    assert not engine._servers[0].supports_n
+    backend.bodies = []
+    branches, usage = asyncio.run(three_siblings(engine))
+    assert len([body for body in backend.bodies if body.get("stream")]) == 3
+    assert [b.text for b in branches] == ["The answer is 4."] * 3
+    assert usage.generated_tokens == 15 + 3 + 1  # each stream's usage counts its end token
+
+
+def test_ponder_serve_answers_503_when_the_remote_is_down(scripted):
+    from ponder.server import create_app
+
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url], retries=0)
+    front = LiveServer(create_app(engine))
+    try:
+        served.stop()
+        response = httpx.post(f"{front.url}/v1/chat/completions",
+                              json={"model": "scripted", "messages": [{"role": "user", "content": "2+2?"}]})
+    finally:
+        front.stop()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert "is it running?" in response.json()["error"]["message"]
+
+
+def test_a_connection_lost_mid_stream_is_a_clear_error(scripted):
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url])
+    backend.break_after = 2
+
+    async def run():
+        root = await engine.open("Q: 2+2? A:")
+        (branch,) = await root.fork(1)
+        try:
+            await branch.extend(SamplingParams(max_tokens=10))
+        finally:
+            root.release()
+            branch.release()
+
+    with pytest.raises(RemoteUnavailableError, match=f"lost the connection to {served.url}/v1 during generation"):
+        asyncio.run(run())
+    assert engine.stats().live_branches == 0
