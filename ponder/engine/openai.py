@@ -187,10 +187,8 @@ class OpenAIEngine(Engine):
         children = []
         for _ in range(n):
             child = RemoteBranch(
-                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, text=branch.text,
-                tokens=list(branch.tokens), token_logprobs=list(branch.token_logprobs),
-                confidences=list(branch.confidences), entropies=list(branch.entropies), prompt=branch.prompt,
-                server=branch.server,
+                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
+                prompt=branch.prompt, server=branch.server,
             )
             branch.usage.prompt_tokens_shared += branch.context_tokens
             self._live.add(child)
