@@ -272,11 +272,13 @@ def test_busy_port_is_a_clear_error():
     taken.close()
 
 
-def test_bad_server_defaults_fail_at_startup():
+def test_bad_server_options_fail_before_anything_starts():
     with pytest.raises(PonderError, match="unknown strategy 'nope'"):
-        create_app(FakeEngine(SCRIPTS), ServerConfig(default_strategy="nope"))
+        ServerConfig(default_strategy="nope")
     with pytest.raises(PonderError, match="default n must be between 1 and 64, got 65"):
-        create_app(FakeEngine(SCRIPTS), ServerConfig(default_n=65))
+        ServerConfig(default_n=65)
+    with pytest.raises(PonderError, match="max_queue >= 0, got 16 and -1"):
+        ServerConfig(max_queue=-1)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from .schemas import ApiError
 
 class Admission:
     def __init__(self, max_running: int, max_queue: int):
-        if max_running < 1 or max_queue < 0:
-            raise ValueError(f"need max_running >= 1 and max_queue >= 0, got {max_running} and {max_queue}")
         self.max_running, self.max_queue = max_running, max_queue
         self.running = 0
         self.waiting = 0

@@ -47,6 +47,15 @@ class ServerConfig:
     max_running: int = 16  # strategy runs at once; their branches share the engine's batch
     max_queue: int = 64  # requests waiting for a run slot; beyond that, 429
 
+    def __post_init__(self) -> None:
+        # Checked here, so that `ponder serve` fails on a bad option before it loads a model.
+        get_strategy(self.default_strategy)
+        if not 1 <= self.default_n <= MAX_N:
+            raise PonderError(f"the default n must be between 1 and {MAX_N}, got {self.default_n}")
+        if self.max_running < 1 or self.max_queue < 0:
+            raise PonderError(f"need max_running >= 1 and max_queue >= 0, got {self.max_running} and "
+                              f"{self.max_queue}")
+
 
 class ClientDisconnected(Exception):
     pass
@@ -54,9 +63,6 @@ class ClientDisconnected(Exception):
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    get_strategy(config.default_strategy)  # an unknown default fails at startup, not on the first request
-    if not 1 <= config.default_n <= MAX_N:
-        raise PonderError(f"the default n must be between 1 and {MAX_N}, got {config.default_n}")
     admission = Admission(config.max_running, config.max_queue)
     metrics = ServerMetrics(engine, admission)
     started = int(time.time())
