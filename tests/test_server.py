@@ -14,7 +14,7 @@ import openai
 import pytest
 from live_server import LiveServer
 
-from ponder.engine.base import PonderError
+from ponder.engine.base import EngineError, PonderError
 from ponder.engine.fake import FakeEngine
 from ponder.server import ServerConfig, create_app
 from ponder.server.cli import _listen
@@ -357,3 +357,18 @@ def test_unknown_route_is_an_openai_style_404(serve):
     server = serve(FakeEngine(SCRIPTS))
     response = httpx.post(f"{server.url}/v1/completions", json={})
     assert response.status_code == 404 and "error" in response.json()
+
+
+class FailingDecodeEngine(FakeEngine):
+    """An engine whose decode breaks, the way the llama.cpp engine reports a failed llama_decode."""
+
+    async def extend(self, branch, params, stop_if=None):
+        raise EngineError("llama_decode returned -1 (secret internals)")
+
+
+def test_an_engine_failure_is_a_500_not_the_clients_fault(serve):
+    server = serve(FailingDecodeEngine(SCRIPTS))
+    response = httpx.post(f"{server.url}/v1/chat/completions",
+                          json={"model": "fake", "messages": [{"role": "user", "content": QUESTION}]})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "secret" not in response.text

@@ -27,6 +27,10 @@ class PonderError(Exception):
     """An error with a message meant for the user (the CLI prints it as one line; the server returns it as 4xx)."""
 
 
+class EngineError(PonderError):
+    """The engine itself failed (a decode error, a broken loop): not the request's fault; the server answers 500."""
+
+
 class PromptTooLongError(PonderError):
     """The prompt (plus the tokens it asks for) can never fit in the engine's context."""
 

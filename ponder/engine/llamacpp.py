@@ -31,8 +31,8 @@ from typing import Sequence
 import llama_cpp as llama
 import numpy as np
 
-from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
-                   StopIf, Usage)
+from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
+                   SamplingParams, StopIf, Usage)
 from .sampling import Sample, sample, token_logprob
 
 
@@ -439,10 +439,10 @@ class LlamaCppEngine(Engine):
                 # shield: if this task is cancelled the worker still finishes its decode before the next one starts
                 out = await asyncio.shield(loop.run_in_executor(self._executor, self._step, plan))
             except asyncio.CancelledError:
-                self._fail_all(PonderError("the engine loop was cancelled"))
+                self._fail_all(EngineError("the engine loop was cancelled"))
                 raise
             except Exception as exc:  # the jobs' futures carry the error to their callers
-                self._fail_all(exc if isinstance(exc, PonderError) else PonderError(f"decode failed: {exc!r}"))
+                self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"decode failed: {exc!r}"))
                 return
             self._apply(plan, out)
 
@@ -495,7 +495,7 @@ class LlamaCppEngine(Engine):
         batch.n_tokens = i
         rc = llama.llama_decode(self._ctx, batch)
         if rc != 0:
-            raise PonderError(f"llama_decode returned {rc} (no room in the KV cache or a bad batch)")
+            raise EngineError(f"llama_decode returned {rc} (no room in the KV cache or a bad batch)")
         n_out = len(plan.decodes) + sum(stop - start for f, start, stop in plan.feeds if f.want_logprobs)
         logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
         samples = [sample(logits[r], job.params, job.branch.rng) for r, job in enumerate(plan.decodes)]

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..engine.base import Engine, PonderError, PromptTooLongError
+from ..engine.base import Engine, EngineError, PonderError, PromptTooLongError
 from ..engine.openai import RemoteUnavailableError
 from ..result import Result
 from ..strategies import STRATEGIES, get_strategy
@@ -123,6 +123,9 @@ async def _run(call: StrategyCall, engine: Engine, admission: Admission) -> tupl
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except RemoteUnavailableError as exc:
             raise ApiError(503, str(exc), type="server_error", code="upstream_unavailable") from None
+        except EngineError:
+            log.exception("engine failure")  # a 500 carries no internals; the log keeps them
+            raise ApiError(500, "the engine failed while answering; see the server log", type="server_error") from None
         except PonderError as exc:
             raise ApiError(400, str(exc)) from None
 
