@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from ponder.engine import load_engine  # noqa: E402
 from ponder.engine.base import SamplingParams  # noqa: E402
+from ponder.server.process import ServerProcess, free_port  # noqa: E402
 from ponder.strategies import get_strategy  # noqa: E402
 
 
@@ -54,26 +54,11 @@ def questions(path: Path, count: int) -> list[str]:
         return [json.loads(line)["question"] for line, _ in zip(f, range(count))]
 
 
-def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port)]
-    if model:
-        command += ["--model", model]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PONDER_API_KEY": ""})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            sys.exit(f"ponder serve did not start on {url}")
-        time.sleep(0.5)
+def start_server(model: str | None) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port)] + (["--model", model] if model else [])
+    return ServerProcess(command, port, timeout_s=180, env={**os.environ, "PONDER_API_KEY": ""}, cwd=str(ROOT),
+                         quiet=False)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -127,16 +112,14 @@ class Bench:
 
 async def main(args: argparse.Namespace) -> None:
     problems = questions(args.data, 8 * args.per_client)
-    process, url = (None, args.url) if args.url else start_server(args.model)
-    model = httpx.get(f"{url}/health").json()["model"]
-    bench = Bench(url, args.api_key, model, args)
-    try:
-        await measure(bench, problems, args)
-    finally:
-        await bench.client.close()
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+    with contextlib.nullcontext(args.url) if args.url else start_server(args.model) as server:
+        url = server if args.url else server.url
+        model = httpx.get(f"{url}/health").json()["model"]
+        bench = Bench(url, args.api_key, model, args)
+        try:
+            await measure(bench, problems, args)
+        finally:
+            await bench.client.close()
 
 
 async def measure(bench: Bench, problems: list[str], args: argparse.Namespace) -> None:

@@ -13,10 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .engine import Engine, PonderError, load_engine
+from .engine import Engine, PonderError
 from .models import CATALOG, file_sha256, status
-from .options import (add_model_arguments, add_sampling_arguments, check_strategy_options, sampling_params,
-                      strategy_options)
+from .options import (add_model_arguments, add_sampling_arguments, check_strategy_options, engine_from_args,
+                      sampling_params, strategy_options)
 from .result import Result
 
 err = Console(stderr=True)
@@ -68,7 +68,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     run = get_strategy(args.strategy)
     show = not args.json and err.is_terminal
     with err.status("loading model…") if show else _nothing():
-        engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+        engine = engine_from_args(args)
     try:
         result = asyncio.run(_run_with_progress(
             engine, run(engine, question, n=args.n, params=params, seed=args.seed, **options),

@@ -10,9 +10,10 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .engine import ENGINES
-from .engine.base import PonderError, SamplingParams
+from .engine import ENGINES, load_engine
+from .engine.base import Engine, PonderError, SamplingParams
 from .models import CATALOG, DEFAULT_MODEL
+from .prompts import CHAT_TEMPLATES
 
 
 def positive_int(text: str) -> int:
@@ -35,6 +36,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-url", action="append", metavar="URL",
                        help="with --engine openai: the server's base URL, e.g. http://127.0.0.1:8080/v1 "
                             "(repeat for several servers)")
+    group.add_argument("--chat-template", metavar="NAME|PATH", default=None,
+                       help="with --engine openai: how chats become the prompt text sent to /v1/completions: "
+                            f"{' or '.join(CHAT_TEMPLATES)} (default qwen2.5), or a Jinja file (a Hugging Face "
+                            "chat template); the in-process engine reads the template from the GGUF")
+
+
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    """The engine the model arguments ask for."""
+    if args.chat_template is None:
+        return load_engine(args.model, engine=args.engine, base_url=args.base_url)
+    if args.engine != "openai":
+        raise PonderError("--chat-template is for --engine openai; the in-process engine uses the GGUF's own template")
+    return load_engine(args.model, engine=args.engine, base_url=args.base_url, chat_template=args.chat_template)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, max_tokens_default: int) -> None:

@@ -1,4 +1,5 @@
-"""The prompt every math strategy starts from (Qwen's recommended instruction for boxed answers)."""
+"""The prompt every math strategy starts from (Qwen's recommended instruction for boxed answers), and the chat
+templates that turn chats into prompt text for remote servers' ``/v1/completions``."""
 
 from __future__ import annotations
 
@@ -9,3 +10,26 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 
 def math_messages(question: str) -> list[Message]:
     return [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+
+
+# Templates for ``chat_template=NAME``; any other value is the path of a Jinja file (a Hugging Face chat template).
+# "qwen2.5" renders plain chats exactly as the bundled models' own GGUF template does (default system message included).
+CHAT_TEMPLATES = {
+    "qwen2.5": (
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}"
+        "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+}

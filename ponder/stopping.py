@@ -97,9 +97,13 @@ class ConfidenceFloor:
         return len(recent) == self.window and sum(recent) / self.window < self.threshold
 
 
-def first_of(*rules: StopIf | None) -> StopIf:
-    """One per-token rule that halts a branch when any of ``rules`` (None entries are skipped) says so."""
+def first_of(*rules: StopIf | None) -> StopIf | None:
+    """One per-token rule that halts a branch when any of ``rules`` (None entries are skipped) says so; None when
+    there is no rule at all, so that engines can tell a branch that nothing will halt (the remote engine then sends
+    sibling branches as one request with ``n`` choices)."""
     active = [r for r in rules if r is not None]
+    if len(active) <= 1:
+        return active[0] if active else None
     return lambda branch: any(rule(branch) for rule in active)
 
 

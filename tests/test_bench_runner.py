@@ -301,13 +301,6 @@ def test_progress_bar_shows_accuracy_and_speed_on_a_terminal(tmp_path, monkeypat
     assert re.search(r"[1-9]\d* tok/s", shown)  # the engine's counters moved the speed off zero
 
 
-def test_progress_bar_stays_silent_off_a_terminal(tmp_path, capsys):
-    dataset = load_dataset(str(FIXTURE))
-    run_bench(scripted_engine(), dataset, dataset.problems, SC4, tmp_path / "r.jsonl")
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == ""
-
-
 @pytest.mark.model
 def test_bench_on_the_real_engine(real_engine, tmp_path):
     dataset = load_dataset("gym:basic_arithmetic?seed=2&size=2")
@@ -322,3 +315,15 @@ def test_bench_on_the_real_engine(real_engine, tmp_path):
             assert 0 < branch["generated_tokens"] <= 24 and branch["mean_logprob"] < 0
         assert record["usage"]["generated_tokens"] == sum(b["generated_tokens"] for b in record["branches"])
         assert record["usage"]["prompt_tokens"] > 0
+
+
+def test_progress_is_one_line_per_problem_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    dataset = load_dataset(str(FIXTURE))
+    run_bench(scripted_engine(), dataset, dataset.problems[:2], SC4, tmp_path / "r.jsonl")
+    run_bench(scripted_engine(), dataset, dataset.problems[:3], SC4, tmp_path / "r.jsonl")  # resumed: 2 done
+    captured = capsys.readouterr()
+    logged = captured.err.splitlines()
+    assert captured.out == "" and len(logged) == 3
+    assert re.match(r"bench 1/2  \S+ (right|wrong)  acc \d+\.\d%  \d+ tok/s  elapsed 0:00:\d\d  ETA 0:00:\d\d$",
+                    logged[0])
+    assert logged[2].startswith("bench 3/3 ") and logged[2].endswith("ETA 0:00:00")

@@ -19,6 +19,9 @@ from ponder.cli import main
     (["ask", "hi", "--strategy", "telepathy"], "unknown strategy 'telepathy'"),
     (["ask", "hi", "--option", "novalue"], "--option takes KEY=VALUE"),
     (["ask", "hi", "--engine", "openai"], "needs --base-url"),
+    (["ask", "hi", "--chat-template", "chatml"], "--chat-template is for --engine openai"),
+    (["bench", "--data", "gsm8k", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--chat-template",
+      "missing.jinja", "--out", "unused.jsonl"], "chat template 'missing.jinja' is neither a known name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

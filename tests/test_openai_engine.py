@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from types import SimpleNamespace
 
@@ -24,6 +23,7 @@ from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, 
 from ponder.engine.openai import (OpenAIEngine, RemoteUnavailableError, _api_root, _chat_formatter, _echo_aligned,
                                   _status_error)
 from ponder.prompts import math_messages
+from ponder.server.process import free_port
 
 
 class ScriptedCompletions:
@@ -99,12 +99,6 @@ def scripted():
     yield start
     for served in started:
         served.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_base_urls_get_v1_when_they_have_no_path():
@@ -244,6 +238,20 @@ def test_siblings_share_one_request_with_n_where_the_server_honours_it(scripted)
     # 15 streamed tokens, the 3 end tokens the server counted but did not stream, the open request's token
     assert usage.generated_tokens == 15 + 3 + 1
     assert usage.prompt_tokens == 3 and usage.prompt_tokens_shared == 9
+
+
+def test_self_consistency_sends_its_branches_as_one_request_with_n(scripted):
+    from ponder.strategies import get_strategy
+
+    backend, served = scripted(honours_n=True)
+    engine = OpenAIEngine([served.url])
+    backend.bodies = []
+    result = asyncio.run(get_strategy("sc")(engine, "What is 2 + 2?", n=4, seed=7))
+    assert [body.get("n") for body in backend.bodies if body.get("stream")] == [4]
+    assert result.answer == "4" and len(result.branches) == 4
+    backend.bodies = []  # a token budget is a per-token rule: each branch needs its own stream to be halted
+    asyncio.run(get_strategy("sc")(engine, "What is 2 + 2?", n=4, seed=7, budget=100))
+    assert len([body for body in backend.bodies if body.get("stream")]) == 4
 
 
 def test_a_per_token_rule_gives_each_branch_its_own_request(scripted):

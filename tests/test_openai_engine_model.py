@@ -4,12 +4,8 @@ started on 127.0.0.1 for this module and stopped after it."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
@@ -18,6 +14,7 @@ from ponder.engine.base import PonderError, SamplingParams, Usage
 from ponder.engine.openai import OpenAIEngine
 from ponder.models import resolve_model
 from ponder.server import create_app
+from ponder.server.process import ServerProcess, free_port
 from ponder.strategies import get_strategy
 
 pytestmark = pytest.mark.model
@@ -26,43 +23,19 @@ QUESTION = "What is 12 + 30?"
 MESSAGES = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
 
 
-def start_llama_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def llama_server_process(*extra: str) -> ServerProcess:
+    port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model("qwen2.5-0.5b").path,
                "--model_alias", "qwen2.5-0.5b", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
                # llama-cpp-python cuts a stream short when another request arrives unless told not to
                "--interrupt_requests", "false", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            raise RuntimeError(f"llama_cpp.server did not come up on {url}")
-        time.sleep(0.25)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return ServerProcess(command, port, ready_path="/v1/models", stop_timeout_s=15)
 
 
 @pytest.fixture(scope="module")
 def llama_server():
-    process, url = start_llama_server()
-    yield url
-    stop(process)
+    with llama_server_process() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

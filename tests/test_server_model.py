@@ -6,14 +6,15 @@ import http.client
 import json
 import os
 import re
-import socket
-import subprocess
+import signal
 import sys
 import time
 
 import httpx
 import openai
 import pytest
+
+from ponder.server.process import ServerProcess, free_port
 
 pytestmark = pytest.mark.model
 
@@ -26,33 +27,11 @@ QUESTION = "What is 12 + 30?"
 
 @pytest.fixture(scope="module")
 def ponder_serve():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PONDER_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--max-running", "4"],
-                               env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, "ponder serve exited"
-            assert time.monotonic() < deadline, "ponder serve did not come up within 120 s"
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    port = free_port()
+    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--max-running", "4"]
+    with ServerProcess(command, port, env={**os.environ, "PONDER_API_KEY": KEY},
+                       cwd=os.path.dirname(os.path.dirname(__file__))) as server:
+        yield server.url
 
 
 def client(url: str, **kwargs) -> openai.OpenAI:
@@ -141,3 +120,23 @@ def test_a_prompt_longer_than_one_decode_batch(ponder_serve):
         model="greedy/qwen2.5-0.5b", max_tokens=8, messages=[{"role": "user", "content": f"{CONTEXT * 12} {QUESTION}"}])
     assert completion.usage.prompt_tokens > 600
     assert completion.usage.completion_tokens > 0
+
+
+def test_sigterm_with_a_request_in_flight_stops_the_server():
+    port = free_port()
+    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--shutdown-grace", "1"]
+    with ServerProcess(command, port, env={**os.environ, "PONDER_API_KEY": ""}) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        essay = "Write a long story, at least 3000 words, about a lighthouse keeper and her cat."
+        body = {"model": "sc-2/qwen2.5-0.5b", "messages": [{"role": "user", "content": essay}], "max_tokens": 4000}
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 120
+        while not metrics(server.url)["ponder_generated_tokens_total"]:
+            assert time.monotonic() < deadline, "the request never started decoding"
+            time.sleep(0.05)
+        server.process.terminate()
+        server.process.wait(timeout=60)  # a server that waited for its request would still be decoding
+        assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            connection.getresponse()  # the request was cut off, not answered

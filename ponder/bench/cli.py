@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..engine import load_engine
 from ..engine.base import PonderError
-from ..options import add_model_arguments, add_sampling_arguments, positive_int, sampling_params, strategy_options
+from ..options import (add_model_arguments, add_sampling_arguments, engine_from_args, positive_int, sampling_params,
+                       strategy_options)
 from .datasets import DATA_ENV, SHORT_NAMES, load_dataset
 
 
@@ -61,7 +61,7 @@ def bench_command(args: argparse.Namespace) -> int:
         params = replace(sampling_params(args), logprobs=True, top_logprobs=args.top_logprobs).validate()
         # checked before the model loads, so a typo fails in a second
         config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option)))
-        engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+        engine = engine_from_args(args)
         try:
             results = run_bench(engine, dataset, problems, config, args.out, concurrency=args.concurrency)
         except KeyboardInterrupt:

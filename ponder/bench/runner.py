@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -270,16 +271,19 @@ def _record(problem: Problem, started: float, session: str, **fields) -> dict:
 
 
 class _BenchProgress:
-    """A rich progress bar with running accuracy, generated tokens/s and ETA; silent when stderr is not a terminal."""
+    """A rich progress bar with running accuracy, generated tokens/s and ETA. When stderr is not a terminal (a run
+    under nohup, in CI, piped to a log), one plain line per finished problem instead."""
 
     TICK_S = 0.5  # how often tokens/s is refreshed from the engine's counters while problems are in flight
 
     def __init__(self, engine: Engine, *, total: int, done: list[dict], enabled: bool):
         console = Console(stderr=True)
         self.enabled = enabled and console.is_terminal
+        self._log_lines = enabled and not console.is_terminal
         self._engine = engine
+        self._total = total
         self._correct = sum(bool(r["correct"]) for r in done)
-        self._finished = len(done)
+        self._finished = self._finished_before = len(done)
         self._start_tokens = engine.stats().generated_tokens
         self._start = time.perf_counter()
         self._bar = Progress(
@@ -294,16 +298,24 @@ class _BenchProgress:
     def _accuracy(self) -> str:
         return f"{self._correct / self._finished:.1%}" if self._finished else "-"
 
+    def _speed(self) -> float:
+        generated = self._engine.stats().generated_tokens - self._start_tokens
+        return generated / max(time.perf_counter() - self._start, 1e-9)
+
     def advance(self, record: dict) -> None:
         self._finished += 1
         self._correct += bool(record["correct"])
         self._bar.update(self._task, advance=1, accuracy=self._accuracy())
+        if self._log_lines:
+            elapsed = time.perf_counter() - self._start
+            eta = elapsed / (self._finished - self._finished_before) * (self._total - self._finished)
+            print(f"bench {self._finished}/{self._total}  {record['id']} {'right' if record['correct'] else 'wrong'}"
+                  f"  acc {self._accuracy()}  {self._speed():.0f} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
+                  file=sys.stderr, flush=True)
 
     async def tick_until_done(self, workers: list[asyncio.Task]) -> None:
         while not all(w.done() for w in workers):
-            generated = self._engine.stats().generated_tokens - self._start_tokens
-            speed = generated / max(time.perf_counter() - self._start, 1e-9)
-            self._bar.update(self._task, speed=f"{speed:.0f}")
+            self._bar.update(self._task, speed=f"{self._speed():.0f}")
             await asyncio.sleep(self.TICK_S)
 
     def __enter__(self) -> _BenchProgress:
@@ -312,3 +324,8 @@ class _BenchProgress:
 
     def __exit__(self, *exc) -> None:
         self._bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import openai
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from ..prompts import CHAT_TEMPLATES
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
                    StopIf, Usage)
 
@@ -49,29 +50,6 @@ DOWN_S = 10.0  # how long a server that failed to connect is skipped
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry waits: 0.5 s, 1 s, 2 s, ... at most 8 s (less up to 25 % jitter)
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # a prompt whose every token is predictable
 _CONTEXT_ERRORS = ("context length", "context window", "maximum context", "exceed_context", "too long")
-
-# Templates for ``chat_template=NAME``; any other value is the path of a Jinja file (a Hugging Face chat template).
-# "qwen2.5" renders plain chats exactly as the bundled models' own GGUF template does (default system message included).
-CHAT_TEMPLATES = {
-    "qwen2.5": (
-        "{%- if messages[0]['role'] == 'system' %}"
-        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-        "{%- else %}"
-        "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-        "{%- endif %}"
-        "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endif %}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-    "chatml": (
-        "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-}
-
 
 class RemoteUnavailableError(PonderError):
     """No configured server could be reached (the ponder server answers 503 for it)."""

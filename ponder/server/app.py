@@ -30,8 +30,8 @@ from ..result import Result
 from ..strategies import STRATEGIES, get_strategy
 from .admission import Admission
 from .metrics import CountResponses, ServerMetrics
-from .schemas import (MAX_N, ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                      ChunkChoice, ChunkDelta, CompletionUsage, ModelCard, ModelList)
+from .schemas import (MAX_N, ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                      Choice, ChunkChoice, ChunkDelta, CompletionUsage, ModelCard, ModelList)
 from .strategy_call import StrategyCall, plan_call
 
 log = logging.getLogger("ponder.server")

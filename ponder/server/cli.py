@@ -6,11 +6,12 @@ import argparse
 import os
 import socket
 
-from ..engine import PonderError, load_engine
-from ..options import add_model_arguments, positive_int
+from ..engine import PonderError
+from ..options import add_model_arguments, engine_from_args, positive_int
 from .app import ServerConfig, create_app
 
 API_KEY_ENV = "PONDER_API_KEY"
+SHUTDOWN_GRACE_S = 10.0
 
 
 def register(subparsers) -> None:
@@ -32,20 +33,27 @@ def register(subparsers) -> None:
                        help=f"requests decoded at once (default: {defaults.max_running})")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
                        help=f"requests waiting beyond those; more are refused with 429 (default: {defaults.max_queue})")
+    serve.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C, let requests in flight finish for this long, then cancel them and "
+                            f"free their branches (default: {SHUTDOWN_GRACE_S:g})")
     serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.shutdown_grace < 0:
+        raise PonderError(f"--shutdown-grace must be 0 or more seconds, got {args.shutdown_grace:g}")
     config = ServerConfig(default_strategy=args.strategy, default_n=args.n,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_running=args.max_running, max_queue=args.max_queue)
     listener = _listen(args.host, args.port)  # before loading the model: a busy port fails at once
-    engine = load_engine(args.model, engine=args.engine, base_url=args.base_url)
+    engine = engine_from_args(args)
     try:
         app = create_app(engine, config)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+        # Without a grace limit uvicorn would wait for every request in flight, however long its strategy runs.
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_grace))
+        server.run(sockets=[listener])
     finally:
         engine.close()
         listener.close()

@@ -71,7 +71,7 @@ class Pool:
         order: dict[asyncio.Task, int] = {}  # task -> branch index, to handle finishes of one step in a fixed order
         running: dict[asyncio.Task, Branch] = {}
         finished: list[Branch] = []
-        halt = first_of(stop_if, self.budget)
+        halt = first_of(stop_if, self.budget if self.budget.limit is not None else None)
 
         async def start(k: int) -> None:
             room = self.budget.room()
