@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -327,3 +329,27 @@ def test_progress_is_one_line_per_problem_when_stderr_is_not_a_terminal(tmp_path
     assert re.match(r"bench 1/2  \S+ (right|wrong)  acc \d+\.\d%  \d+ tok/s  elapsed 0:00:\d\d  ETA 0:00:\d\d$",
                     logged[0])
     assert logged[2].startswith("bench 3/3 ") and logged[2].endswith("ETA 0:00:00")
+
+
+def test_the_confidence_analysis_reads_a_results_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("confidence", REPO / "benchmarks" / "confidence.py")
+    confidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(confidence)
+    assert confidence.auroc([3, 2, 1, 1], [True, True, False, True]) == (1 + 1 + 0.5) / 3
+    assert confidence.auroc([1, 2], [True, True]) is None  # no wrong branch: nothing to separate
+
+    def branch(answer_class, logprob):
+        return {"answer_class": answer_class, "mean_logprob": logprob}
+
+    record = {"prediction": "7", "answer_classes": [{"answer": "7", "correct": False}, {"answer": "8", "correct": True}],
+              "branches": [branch(0, -0.5), branch(0, -3.0), branch(1, -0.05), branch(None, None)]}
+    assert not confidence.revote(record)  # 7 has two votes
+    assert confidence.revote(record, lambda b: math.exp(b["mean_logprob"]))  # e^-0.05 > e^-0.5 + e^-3
+    assert not confidence.revote(record, keep=0.5)  # -0.05 (8) and -0.5 (7): the tie goes to the run's answer
+    assert confidence.revote(record, keep=0.1)  # the single most confident branch says 8
+
+    dataset = load_dataset(str(FIXTURE))
+    run_bench(scripted_engine(), dataset, dataset.problems, SC4, tmp_path / "r.jsonl", progress=False)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "confidence.py"), str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "6 problems, 18 branches with an answer" in out and re.search(r"majority\s+16\.7%  \(1/6\)", out)
