@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import ponder.bench.cli as bench_cli
+import ponder.options as options
 from ponder.bench.runner import read_results
 from ponder.engine.base import PonderError
 from ponder.engine.fake import FakeEngine
@@ -34,7 +35,7 @@ def loads(monkeypatch) -> list[dict]:
         calls.append({"model": model, "engine": engine, "base_url": base_url})
         return ClosingEngine(["\\boxed{7} " + "step " * 3, "\\boxed{18}", "nothing"])
 
-    monkeypatch.setattr(bench_cli, "load_engine", load_engine)
+    monkeypatch.setattr(options, "load_engine", load_engine)
     ClosingEngine.closed = 0
     return calls
 
@@ -121,7 +122,7 @@ def test_an_interrupted_bench_keeps_what_finished(tmp_path, monkeypatch, capsys)
                 await asyncio.sleep(1)
             return await super().open(prompt, usage)
 
-    monkeypatch.setattr(bench_cli, "load_engine", lambda *a, **k: InterruptedEngine(["\\boxed{7}"]))
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: InterruptedEngine(["\\boxed{7}"]))
     out = tmp_path / "r.jsonl"
     assert ponder("bench", "--data", FIXTURE, "--strategy", "greedy", "--out", str(out)) == 130
     assert "rerun the same command to resume" in capsys.readouterr().out

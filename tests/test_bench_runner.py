@@ -136,7 +136,7 @@ def test_resume_after_kill_9(tmp_path):
     process = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # importing reasoning-gym is slow on a loaded machine
         while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
             time.sleep(0.02)
         assert process.poll() is None, "the run ended before it could be killed"
