@@ -123,8 +123,14 @@ def test_an_interrupted_bench_keeps_what_finished(tmp_path, monkeypatch, capsys)
             return await super().open(prompt, usage)
 
     monkeypatch.setattr(options, "load_engine", lambda *a, **k: InterruptedEngine(["\\boxed{7}"]))
+    # Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored (a background job, some CI runners)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "r.jsonl"
-    assert ponder("bench", "--data", FIXTURE, "--strategy", "greedy", "--out", str(out)) == 130
+    try:
+        code = ponder("bench", "--data", FIXTURE, "--strategy", "greedy", "--out", str(out))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
     assert "rerun the same command to resume" in capsys.readouterr().out
     assert [r["id"] for r in read_results(out)[1]] == ["half", "thousand"]
 
