@@ -57,8 +57,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a results file of a sampling run with logprobs")
     args = parser.parse_args()
-    lines = args.results.read_text().splitlines()
-    header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    try:
+        lines = args.results.read_text().splitlines()
+        header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    except (OSError, IndexError, json.JSONDecodeError) as exc:
+        sys.exit(f"{args.results}: not a readable ponder results file ({exc})")
     answered = [b for r in records for b in r["branches"] if b["answer_class"] is not None]
     if not any(b.get("mean_logprob") is not None for b in answered):
         sys.exit(f"{args.results}: no branch has a mean logprob (run the benchmark with a strategy that records them)")
