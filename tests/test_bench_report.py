@@ -191,3 +191,28 @@ def test_problem_set_difference_is_noted(results, tmp_path):
     assert "cover different problems" in console.export_text()
     assert "cover different problems" in (tmp_path / "p.md").read_text()
     assert json.loads(partial.read_text().splitlines()[0])["strategy"] == "greedy"
+
+
+def test_common_problems_measures_every_run_on_the_shared_ones(results, tmp_path):
+    header, records = read_results(results["sc4"])
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(line) + "\n" for line in [header, *records[:2]]))
+    runs, _ = load_runs([results["sc6"], partial], common=True)
+    assert [run.metrics.problems for run in runs] == [2, 2]
+    assert {r["id"] for r in runs[0].records} == {r["id"] for r in records[:2]}
+    assert [run.metrics.problems for run in load_runs([results["sc6"], partial])[0]] == [6, 2]
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(line) + "\n" for line in [header, *records[2:4]]))
+    with pytest.raises(PonderError, match="no finished problem in common"):
+        load_runs([partial, other], common=True)
+
+
+def test_labels_show_the_options_a_run_set_and_defaults_for_the_rest(results, tmp_path):
+    answers = ["\\boxed{7}", "\\boxed{18}"]
+    logprob = bench(tmp_path / "w.jsonl", BenchConfig("sc", 4, SamplingParams(), options={"weighting": "logprob"}),
+                    answers)
+    runs, _ = load_runs([logprob])
+    assert runs[0].label == "sc n=4 weighting=logprob"  # set, so shown even without a peer
+    runs, _ = load_runs([logprob, results["sc4"]])
+    assert [run.label for run in runs] == ["sc n=4 weighting=logprob", "sc n=4 weighting=majority"]

@@ -331,25 +331,31 @@ def test_progress_is_one_line_per_problem_when_stderr_is_not_a_terminal(tmp_path
     assert logged[2].startswith("bench 3/3 ") and logged[2].endswith("ETA 0:00:00")
 
 
-def test_the_confidence_analysis_reads_a_results_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("confidence", REPO / "benchmarks" / "confidence.py")
-    confidence = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(confidence)
-    assert confidence.auroc([3, 2, 1, 1], [True, True, False, True]) == (1 + 1 + 0.5) / 3
-    assert confidence.auroc([1, 2], [True, True]) is None  # no wrong branch: nothing to separate
+def test_the_trace_analysis_reads_a_results_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("traces", REPO / "benchmarks" / "traces.py")
+    traces = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traces)
+    assert traces.auroc([3, 2, 1, 1], [True, True, False, True]) == (1 + 1 + 0.5) / 3
+    assert traces.auroc([1, 2], [True, True]) is None  # no wrong branch: nothing to separate
 
     def branch(answer_class, logprob):
         return {"answer_class": answer_class, "mean_logprob": logprob}
 
     record = {"prediction": "7", "answer_classes": [{"answer": "7", "correct": False}, {"answer": "8", "correct": True}],
               "branches": [branch(0, -0.5), branch(0, -3.0), branch(1, -0.05), branch(None, None)]}
-    assert not confidence.revote(record)  # 7 has two votes
-    assert confidence.revote(record, lambda b: math.exp(b["mean_logprob"]))  # e^-0.05 > e^-0.5 + e^-3
-    assert not confidence.revote(record, keep=0.5)  # -0.05 (8) and -0.5 (7): the tie goes to the run's answer
-    assert confidence.revote(record, keep=0.1)  # the single most confident branch says 8
+    assert not traces.revote(record)  # 7 has two votes
+    assert traces.revote(record, lambda b: math.exp(b["mean_logprob"]))  # e^-0.05 > e^-0.5 + e^-3
+    assert not traces.revote(record, keep=0.5)  # -0.05 (8) and -0.5 (7): the tie goes to the run's answer
+    assert traces.revote(record, keep=0.1)  # the single most confident branch says 8
+
+    assert traces.leader_share({"answer_classes": [{"size": 3}, {"size": 1}], "branches": [{}] * 5}) == 0.6
+    assert traces.accuracy_by_length_rank([{"branches": [{"generated_tokens": 9, "correct": True},
+                                                         {"generated_tokens": 2, "correct": False}]}]) == [(0.0, 2.0),
+                                                                                                          (1.0, 9.0)]
 
     dataset = load_dataset(str(FIXTURE))
     run_bench(scripted_engine(), dataset, dataset.problems, SC4, tmp_path / "r.jsonl", progress=False)
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "confidence.py"), str(tmp_path / "r.jsonl")],
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "traces.py"), str(tmp_path / "r.jsonl")],
                          capture_output=True, text=True, check=True).stdout
     assert "6 problems, 18 branches with an answer" in out and re.search(r"majority\s+16\.7%  \(1/6\)", out)
+    assert "agree:" in out and re.search(r"\n\s+1\s+\d+\.\d%\s+\d+\n", out)

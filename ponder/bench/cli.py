@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     run.add_argument("--concurrency", type=positive_int, default=1,
                      help="problems in flight at once; their branches share the engine's batch (default 1)")
     run.add_argument("--out", required=True, type=Path, help="the results file (JSONL) to create or resume")
+    run.add_argument("--replay", type=Path, metavar="RESULTS",
+                     help="instead of the model, play back the branches an sc run recorded in RESULTS (same --data, "
+                          "sampling and seed): evaluates stopping rules and votes in seconds; not for strategies that "
+                          "need confidences or a verifier")
     bench.set_defaults(func=bench_command)
 
     report = subparsers.add_parser(
@@ -45,6 +49,9 @@ def register(subparsers) -> None:
                     "generated tokens and vs wall time per problem, and a Markdown report beside it.")
     report.add_argument("results", nargs="+", type=Path, help="results files written by ponder bench")
     report.add_argument("--plot", type=Path, help="the PNG to write; the Markdown report goes beside it (.md)")
+    report.add_argument("--common-problems", action="store_true",
+                        help="measure every run only on the problems all of them finished (e.g. to compare a "
+                             "partial run with a full one)")
     report.set_defaults(func=report_command)
 
 
@@ -61,9 +68,13 @@ def bench_command(args: argparse.Namespace) -> int:
         params = replace(sampling_params(args), logprobs=True, top_logprobs=args.top_logprobs).validate()
         # checked before the model loads, so a typo fails in a second
         config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option)))
-        engine = engine_from_args(args)
+        if args.replay is None:
+            engine, replay = engine_from_args(args), {}
+        else:
+            engine = _replay_engine(args, dataset, problems, config)
+            replay = {"replay": engine.description(), "clock": engine.now}
         try:
-            results = run_bench(engine, dataset, problems, config, args.out, concurrency=args.concurrency)
+            results = run_bench(engine, dataset, problems, config, args.out, concurrency=args.concurrency, **replay)
         except KeyboardInterrupt:
             print(f"interrupted: the finished problems are saved in {args.out}; rerun the same command to resume")
             return 130
@@ -83,11 +94,29 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_engine(args: argparse.Namespace, dataset, problems, config):
+    from .replay import ReplayEngine
+
+    if args.model or args.base_url or args.chat_template or args.engine != "llamacpp":
+        raise PonderError("--replay plays back the recorded model's branches; drop --model/--engine/--base-url")
+    engine = ReplayEngine(args.replay, dataset)
+    if engine.header["config"]["seed"] != config.seed:
+        raise PonderError(f"{args.replay} was recorded with --seed {engine.header['config']['seed']}; a replay "
+                          f"samples as it did, so use that seed (got {config.seed})")
+    engine.check(config.params, config.n)
+    missing = [p.id for p in problems if p.id not in engine.problems]
+    if missing:
+        raise PonderError(f"{args.replay} has no recording of {len(missing)} of the selected problems "
+                          f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); select the recorded ones "
+                          "with --offset/--limit")
+    return engine
+
+
 def report_command(args: argparse.Namespace) -> int:
     from .report import write_report  # matplotlib loads in about half a second: only `ponder report` pays for it
 
     try:
-        write_report(args.results, args.plot, _console())
+        write_report(args.results, args.plot, _console(), common=args.common_problems)
     except OSError as e:
         raise PonderError(f"{e.filename or args.plot}: {e.strerror}") from None
     return 0

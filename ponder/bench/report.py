@@ -12,6 +12,7 @@ interval. The two panels put accuracy against the two costs per problem:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -50,25 +51,34 @@ class Series:
     tokens: list[float]  # mean generated tokens per problem
     wall_s: list[float]  # wall time per problem, seconds
     ci95: tuple[float, float] | None = None  # for points
+    replay: bool = False  # a ``ponder bench --replay`` run: drawn hollow, its wall time is an estimate
 
 
-def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
-    """The runs of ``paths`` with metrics and labels, and a warning for each file that has no finished problem."""
-    runs, warnings = [], []
+def load_runs(paths: Sequence[str | Path], common: bool = False) -> tuple[list[Run], list[str]]:
+    """The runs of ``paths`` with metrics and labels, and a warning for each file that has no finished problem.
+    ``common``: measure every run only on the problems that all of them finished."""
+    loaded, warnings = [], []
     for path in paths:
         header, records = read_results(path)
         if not records:
             warnings.append(f"{path}: no finished problems yet, left out")
             continue
-        runs.append(Run(Path(path), header, records, summarize(header["strategy"], records)))
-    if not runs:
+        loaded.append((Path(path), header, records))
+    if not loaded:
         raise PonderError("no results to report: " + "; ".join(warnings))
+    if common:
+        shared = set.intersection(*({r["id"] for r in records} for _, _, records in loaded))
+        if not shared:
+            raise PonderError("--common-problems: the runs have no finished problem in common")
+        loaded = [(path, header, [r for r in records if r["id"] in shared]) for path, header, records in loaded]
+    runs = [Run(path, header, records, summarize(header["strategy"], records)) for path, header, records in loaded]
     _label(runs)
     return runs, warnings
 
 
 def _label(runs: list[Run]) -> None:
-    """Name each run by its strategy, n and the settings that differ from other runs of the same strategy."""
+    """Name each run by its strategy, n, the settings that differ from other runs of the same strategy and the options
+    it set."""
     settings = {id(run): _settings(run) for run in runs}
     for run in runs:
         peers = [settings[id(other)] for other in runs if other.header["strategy"] == run.header["strategy"]]
@@ -76,7 +86,11 @@ def _label(runs: list[Run]) -> None:
         parts = [run.header["strategy"]]
         if run.metrics.branches > 1:  # greedy accepts n but always runs one branch: do not print an n it ignored
             parts.append(f"n={run.header['config']['n']}")
-        parts += [f"{key}={settings[id(run)].get(key)}" for key in varying]
+        # The settings that tell it from its peers, and the strategy options it was given (keep=10 makes DeepConf-low).
+        shown = varying + sorted(set(run.header["config"]["options"]) - set(varying))
+        parts += [f"{key}={settings[id(run)].get(key)}" for key in shown]
+        if run.header.get("replay"):
+            parts.append("(replay)")
         run.label = " ".join(parts)
     counts: dict[str, int] = {}
     for run in runs:
@@ -88,7 +102,20 @@ def _label(runs: list[Run]) -> None:
 
 def _settings(run: Run) -> dict:
     config = run.header["config"]
-    return {"model": run.header["model"]["name"], "seed": config["seed"], **config["params"], **config["options"]}
+    return {"model": run.header["model"]["name"], "seed": config["seed"], **config["params"],
+            **_option_defaults(run.header["strategy"]), **config["options"]}
+
+
+def _option_defaults(strategy: str) -> dict:
+    """The strategy's options left at their defaults, so that a run that did not set one is labelled by its value."""
+    from ..strategies import STRATEGIES  # only here: the strategies pull in scipy
+
+    run = STRATEGIES.get(strategy)
+    if run is None:  # a results file from a strategy this ponder no longer has
+        return {}
+    return {name: p.default for name, p in inspect.signature(run).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+            and name not in ("params", "seed", "n")}
 
 
 def pareto_series(runs: Sequence[Run]) -> list[Series]:
@@ -97,7 +124,8 @@ def pareto_series(runs: Sequence[Run]) -> list[Series]:
     for run in runs:
         m = run.metrics
         if m.maj_at_k is None:
-            series.append(Series(run.label, "point", [], [m.accuracy], [m.generated_tokens], [m.wall_s], m.ci95))
+            series.append(Series(run.label, "point", [], [m.accuracy], [m.generated_tokens], [m.wall_s], m.ci95,
+                                 replay=bool(run.header.get("replay"))))
             continue
         ks = list(range(1, m.samples + 1))
         series.append(Series(f"{run.label} maj@k", "curve", ks, list(m.maj_at_k),
@@ -120,7 +148,8 @@ def plot_pareto(runs: Sequence[Run], path: str | Path) -> Figure:
             if s.kind == "point":
                 low, high = s.ci95
                 axes.errorbar(xs, s.accuracy, yerr=[[s.accuracy[0] - low], [high - s.accuracy[0]]], fmt="s",
-                              color=color, capsize=4, markersize=7, label=s.label)
+                              color=color, capsize=4, markersize=7, label=s.label,
+                              markerfacecolor="white" if s.replay else color)
                 continue
             axes.plot(xs, s.accuracy, marker="o", markersize=4, color=color, label=s.label,
                       linestyle="--" if estimate else "-")
@@ -131,7 +160,8 @@ def plot_pareto(runs: Sequence[Run], path: str | Path) -> Figure:
     token_axes.set_title("accuracy vs generated tokens per problem")
     token_axes.set_xlabel("generated tokens per problem (mean over problems, log scale)")
     wall_axes.set_title("accuracy vs wall time per problem")
-    wall_axes.set_xlabel("wall time per problem (s, log scale; maj@k dashed: k/N of the N-sample run)")
+    wall_axes.set_xlabel("wall time per problem (s, log scale; maj@k dashed: k/N of the N-sample run; "
+                         "replays, hollow: at the recorded run's s/token)")
     token_axes.set_ylabel("accuracy (problems solved)")
     for axes in (token_axes, wall_axes):
         axes.set_xscale("log", base=2)
@@ -211,7 +241,8 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
         h = run.header
         lines.append(f"- **{run.label}**: `{run.path}` — model {h['model']['name']} "
                      f"(sha256 `{h['model']['sha256']}`), dataset {h['dataset']['name']} (sha256 `{h['dataset']['sha256'][:16]}…`),"
-                     f" ponder {h['ponder_version']}, scoring: {h['scoring']}")
+                     f" ponder {h['ponder_version']}, scoring: {h['scoring']}"
+                     + (f"; a replay of the branches recorded in `{h['replay']['source']}`" if h.get("replay") else ""))
     lines += ["", _markdown_table(RUN_COLUMNS, [run_row(run) for run in runs]), "", f"![Pareto plot]({png})", ""]
     note = problem_set_note(runs)
     if note:
@@ -231,6 +262,9 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
         "samples of a majority vote, ties drawn uniformly among the tied answers, no answer counted as wrong.",
         "- In the plot, maj@k costs k/N of the run's tokens (exact in expectation) and k/N of its wall time "
         "(an estimate at the N-sample run's throughput, dashed).",
+        "- (replay): the strategy ran on the branches an sc run recorded (`ponder bench --replay`), not on the model: "
+        "its stopping rules, cancellations and votes are real, its samples are the recorded ones, and its wall time "
+        "is its tokens at the recorded run's seconds per token (hollow markers).",
         "",
     ]
     return "\n".join(lines)
@@ -243,9 +277,11 @@ def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join([line(columns), line(["---"] * len(columns)), *(line(row) for row in rows)])
 
 
-def write_report(paths: Sequence[str | Path], plot: str | Path | None, console: Console) -> list[Run]:
-    """Print the tables; with ``plot``, also write the PNG there and the Markdown report beside it (``.md``)."""
-    runs, warnings = load_runs(paths)
+def write_report(paths: Sequence[str | Path], plot: str | Path | None, console: Console,
+                 common: bool = False) -> list[Run]:
+    """Print the tables; with ``plot``, also write the PNG there and the Markdown report beside it (``.md``).
+    ``common``: only the problems every run finished."""
+    runs, warnings = load_runs(paths, common)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     print_report(runs, console)

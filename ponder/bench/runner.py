@@ -62,7 +62,8 @@ def problem_seed(seed: int, problem_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:4], "big")
 
 
-def make_header(engine: Engine, dataset: Dataset, config: BenchConfig) -> dict:
+def make_header(engine: Engine, dataset: Dataset, config: BenchConfig, replay: dict | None = None) -> dict:
+    """The results header; ``replay`` describes the recording a replay run plays back (see ``replay.py``)."""
     header = {
         "ponder_results": RESULTS_FORMAT,
         "ponder_version": __version__,
@@ -74,6 +75,8 @@ def make_header(engine: Engine, dataset: Dataset, config: BenchConfig) -> dict:
                     "problems": len(dataset.problems)},
         "scoring": dataset.scoring,
     }
+    if replay is not None:
+        header["replay"] = replay
     return json.loads(json.dumps(header))  # the form it has once read back (tuples become lists)
 
 
@@ -86,6 +89,7 @@ def _identity(header: dict) -> dict:
         "model": model["sha256"] or model["name"],  # a remote model has no file to hash
         "dataset sha256": header["dataset"]["sha256"],
         "scoring": header["scoring"],
+        "replay of": (header.get("replay") or {}).get("sha256"),
     }
 
 
@@ -181,21 +185,25 @@ class ResultsFile:
 
 
 def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], config: BenchConfig,
-              out: str | Path, *, concurrency: int = 1, progress: bool = True) -> ResultsFile:
+              out: str | Path, *, concurrency: int = 1, progress: bool = True, replay: dict | None = None,
+              clock: Callable[[], float] = time.time) -> ResultsFile:
     """Solve every problem of ``problems`` not yet in ``out`` with ``concurrency`` problems in flight on ``engine``
-    (their branches share its decode batches), appending each record as it finishes. Returns the results file."""
+    (their branches share its decode batches), appending each record as it finishes. Returns the results file.
+
+    A replay (``engine`` a ``ReplayEngine``) passes its description as ``replay`` and its virtual ``clock``, which
+    times the records."""
     if concurrency < 1:
         raise PonderError(f"--concurrency must be >= 1, got {concurrency}")
     config = check_config(config)
     strategy = get_strategy(config.strategy)
-    results = ResultsFile(out, make_header(engine, dataset, config))
+    results = ResultsFile(out, make_header(engine, dataset, config, replay))
     try:
         finished = results.finished
         todo = [p for p in problems if p.id not in finished]
         session = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
         async def solve(problem: Problem) -> dict:
-            return await _solve(engine, strategy, dataset, problem, config, session)
+            return await _solve(engine, strategy, dataset, problem, config, session, clock)
 
         selected = {p.id for p in problems}
         done_here = [r for r in results.records if r["id"] in selected]
@@ -233,13 +241,13 @@ async def _run_all(todo: list[Problem], solve, save: Callable[[dict], None], bar
 
 
 async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, config: BenchConfig,
-                 session: str) -> dict:
-    started = time.time()
+                 session: str, clock: Callable[[], float]) -> dict:
+    started = clock()
     try:
         result: Result = await strategy(engine, problem.question, n=config.n, params=config.params,
                                         seed=problem_seed(config.seed, problem.id), **config.options)
     except PromptTooLongError as e:
-        return _record(problem, started, session, prediction=None, correct=False, error=str(e),
+        return _record(problem, started, clock(), session, prediction=None, correct=False, error=str(e),
                        branches=[], usage=Usage().to_dict())
     # Group answers the way the strategies vote: a branch cut short (halted, cancelled) abstains.
     classes = vote([b.answer if b.finish_reason in ENDED_ON_THEIR_OWN else None for b in result.branches])
@@ -252,7 +260,7 @@ async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, c
         branches.append({**asdict(summary), "answer_class": answer_class,
                          "correct": answer_class is not None and class_correct[answer_class]})
     return _record(
-        problem, started, session, prediction=result.answer, correct=dataset.score(result.answer, problem),
+        problem, started, clock(), session, prediction=result.answer, correct=dataset.score(result.answer, problem),
         votes=result.to_dict()["votes"],
         answer_classes=[{"answer": rep, "size": len(classes.members[rep]), "correct": ok}
                         for rep, ok in zip(representatives, class_correct)],
@@ -260,8 +268,7 @@ async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, c
     )
 
 
-def _record(problem: Problem, started: float, session: str, **fields) -> dict:
-    finished = time.time()
+def _record(problem: Problem, started: float, finished: float, session: str, **fields) -> dict:
     record = {"id": problem.id, "gold": problem.answer}
     record.update({k: v for k, v in (("level", problem.level), ("subject", problem.subject)) if v is not None})
     record.update(fields)

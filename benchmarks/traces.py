@@ -1,14 +1,20 @@
-"""Does the model's own confidence tell its right answers from its wrong ones? An analysis of a results file.
+"""What a sampling run's traces say about early stopping: confidence, vote spread, length. An analysis of a results
+file.
 
-    python benchmarks/confidence.py benchmarks/results/gsm8k100/sc16.jsonl
+    python benchmarks/traces.py benchmarks/results/gsm8k100/sc16.jsonl
 
-Weighted votes and DeepConf only pay off when a trace's confidence separates right from wrong traces. This reads the
-branches of a sampling run (recorded by ``ponder bench`` with logprobs on) and prints, without generating anything:
+Each early-stopping idea bets on a property of the traces. Weighted votes and DeepConf bet that a trace's confidence
+separates right from wrong traces; Adaptive-Consistency that the vote settles after a few samples; short-m@k and
+first-finish that the shortest traces are the best ones. This reads the branches of a sampling run (recorded by
+``ponder bench`` with logprobs on) and prints, without generating anything:
 
 * the AUROC of the trace signal (mean token logprob, and mean confidence when recorded) for "this branch's answer is
   right": 0.5 is no separation, 1.0 perfect;
 * the accuracy of re-voting the same branches: plain majority, weighted by ``exp(mean logprob)``, and majority among
-  the most confident half / tenth of the traces (DeepConf's offline filter with the mean logprob as the confidence).
+  the most confident half / tenth of the traces (DeepConf's offline filter with the mean logprob as the confidence);
+* how settled the votes are: the leading answer's share of a problem's votes, over the problems;
+* accuracy by length: within each problem the branches ranked from shortest to longest, and the share of right
+  answers at each rank (the first rank is what first-finish answers with).
 
 It is an analysis of traces already generated, not a benchmark run: the strategies' own accuracy and token figures
 come from ``ponder bench``.
@@ -53,6 +59,25 @@ def revote(record: dict, weigh=lambda b: 1.0, keep: float = 1.0) -> bool:
     return record["answer_classes"][winner]["correct"]
 
 
+def leader_share(record: dict) -> float:
+    """The share of a problem's branches whose answer is the most common one (0 when none answered)."""
+    sizes = [group["size"] for group in record["answer_classes"]]
+    return max(sizes) / len(record["branches"]) if sizes and record["branches"] else 0.0
+
+
+def accuracy_by_length_rank(records: list[dict]) -> list[tuple[float, float]]:
+    """(share right, mean generated tokens) of the k-th shortest branch, k = 1..N, over the problems with N branches
+    (N: the most common branch count; problems with another count are left out)."""
+    counts = [len(r["branches"]) for r in records if r["branches"]]
+    if not counts:
+        return []
+    n = max(set(counts), key=counts.count)
+    ranked = [sorted(r["branches"], key=lambda b: b["generated_tokens"]) for r in records if len(r["branches"]) == n]
+    return [(float(np.mean([bs[k]["correct"] for bs in ranked])), float(np.mean([bs[k]["generated_tokens"]
+                                                                                 for bs in ranked])))
+            for k in range(n)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a results file of a sampling run with logprobs")
@@ -84,6 +109,16 @@ def main() -> int:
     for name, right in votes.items():
         hits = sum(right(r) for r in records)
         print(f"    {name:38s} {hits / count:6.1%}  ({hits}/{count})")
+    shares = sorted(leader_share(r) for r in records)
+    print("  how settled the votes are (the leading answer's share of all branches; quartiles over problems): "
+          + ", ".join(f"{q:.0%}" for q in np.quantile(shares, [0.25, 0.5, 0.75])))
+    print(f"    problems where >= 3/4 of the branches agree: {sum(s >= 0.75 for s in shares)}/{count}; "
+          f"where <= 1/4 do: {sum(s <= 0.25 for s in shares)}/{count}")
+    ranks = accuracy_by_length_rank(records)
+    if ranks:
+        print("  accuracy by length rank (1 = the problem's shortest branch; share right, mean generated tokens):")
+        for rank, (right, tokens) in enumerate(ranks, 1):
+            print(f"    {rank:3d}  {right:6.1%}  {tokens:6.0f}")
     return 0
 
 
