@@ -118,12 +118,18 @@ def _option_defaults(strategy: str) -> dict:
             and name not in ("params", "seed", "n")}
 
 
+def has_own_curve(run: Run) -> bool:
+    """Whether the run's samples give a maj@k curve of its own. A replay's samples are its recording's, so its curve
+    would repeat the recording's: a replay is shown by its own vote."""
+    return run.metrics.maj_at_k is not None and not run.header.get("replay")
+
+
 def pareto_series(runs: Sequence[Run]) -> list[Series]:
     """The data behind the Pareto plot, one series per run."""
     series = []
     for run in runs:
         m = run.metrics
-        if m.maj_at_k is None:
+        if not has_own_curve(run):
             series.append(Series(run.label, "point", [], [m.accuracy], [m.generated_tokens], [m.wall_s], m.ci95,
                                  replay=bool(run.header.get("replay"))))
             continue
@@ -220,7 +226,7 @@ def print_report(runs: Sequence[Run], console: Console) -> None:
         table.add_row(*run_row(run))
     console.print(table)
     for run in runs:
-        if run.metrics.maj_at_k is None:
+        if not has_own_curve(run):
             continue
         curve = Table(title=f"{run.label}: maj@k, pass@k ({run.metrics.samples} samples)", title_justify="left")
         for column in CURVE_COLUMNS:
@@ -248,7 +254,7 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
     if note:
         lines += [f"**Note:** {note}.", ""]
     for run in runs:
-        if run.metrics.maj_at_k is not None:
+        if has_own_curve(run):
             lines += [f"## {run.label}: maj@k and pass@k from the same {run.metrics.samples} samples", "",
                       _markdown_table(CURVE_COLUMNS, curve_rows(run)), ""]
     lines += [
