@@ -99,6 +99,7 @@ def test_replay_time_is_the_recorded_time_per_token(tmp_path, recording):
 def test_what_a_recording_cannot_answer_is_refused(tmp_path, recording, extra, message):
     with pytest.raises(PonderError, match=message):
         replay(tmp_path, recording, *extra)
+    assert not (tmp_path / "replay.jsonl").exists()  # a run that put no result in its new file leaves none
 
 
 def test_a_replay_needs_the_recorded_problems_and_dataset(tmp_path, recording):

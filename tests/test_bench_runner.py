@@ -273,7 +273,12 @@ def test_an_engine_failure_stops_the_run_with_its_own_error(tmp_path):
     with pytest.raises(PonderError, match="lost its context"):
         run_bench(BrokenEngine(["x"]), dataset, dataset.problems, SC4, tmp_path / "r.jsonl", concurrency=3,
                   progress=False)
-    assert read_results(tmp_path / "r.jsonl")[1] == []
+    assert not (tmp_path / "r.jsonl").exists()  # the run made it and put no result in it: nothing to resume
+
+    run_bench(scripted_engine(), dataset, dataset.problems[:2], SC4, tmp_path / "r.jsonl", progress=False)
+    with pytest.raises(PonderError, match="lost its context"):
+        run_bench(BrokenEngine(["x"]), dataset, dataset.problems, SC4, tmp_path / "r.jsonl", progress=False)
+    assert len(read_results(tmp_path / "r.jsonl")[1]) == 2  # a file with results is never removed
 
 
 @pytest.mark.parametrize("kwargs, message", [({"concurrency": 0}, "--concurrency"), ({"n": 0}, "--n")])

@@ -166,8 +166,8 @@ def plot_pareto(runs: Sequence[Run], path: str | Path) -> Figure:
     token_axes.set_title("accuracy vs generated tokens per problem")
     token_axes.set_xlabel("generated tokens per problem (mean over problems, log scale)")
     wall_axes.set_title("accuracy vs wall time per problem")
-    wall_axes.set_xlabel("wall time per problem (s, log scale; maj@k dashed: k/N of the N-sample run; "
-                         "replays, hollow: at the recorded run's s/token)")
+    # Estimates (maj@k: k/N of the N-sample run; replays: at the recorded run's s/token) are explained in the .md.
+    wall_axes.set_xlabel("wall time per problem (s, log scale; dashed and hollow: estimated)")
     token_axes.set_ylabel("accuracy (problems solved)")
     for axes in (token_axes, wall_axes):
         axes.set_xscale("log", base=2)

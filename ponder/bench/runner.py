@@ -196,6 +196,7 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
         raise PonderError(f"--concurrency must be >= 1, got {concurrency}")
     config = check_config(config)
     strategy = get_strategy(config.strategy)
+    created = not Path(out).exists()
     results = ResultsFile(out, make_header(engine, dataset, config, replay))
     try:
         finished = results.finished
@@ -212,8 +213,12 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
                 asyncio.run(_run_all(todo, solve, results.append, bar, concurrency))
             except ExceptionGroup as group:  # the first failure stopped the run; report it, not the group
                 raise group.exceptions[0] from None
-    finally:
+    except BaseException:
         results.close()
+        if created and not results.records:  # a file this run made and put no result in: nothing to resume
+            results.path.unlink(missing_ok=True)
+        raise
+    results.close()
     return results
 
 
