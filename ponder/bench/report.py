@@ -188,8 +188,10 @@ def plot_pareto(runs: Sequence[Run], path: str | Path) -> Figure:
 def _colors(count: int) -> list:
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"]
-    return [palette(i % 10) for i in range(count)]
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    palette = colormaps["tab20"]  # dark and light of ten hues: no two series share a color up to 20
+    return [palette(i % 20) for i in range(count)]
 
 
 def run_row(run: Run) -> list[str]:
