@@ -138,5 +138,10 @@ def test_sigterm_with_a_request_in_flight_stops_the_server():
         server.process.terminate()
         server.process.wait(timeout=60)  # a server that waited for its request would still be decoding
         assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
-        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-            connection.getresponse()  # the request was cut off, not answered
+        # The request was cut off, not answered: the connection drops, or, when the engine closed under the request
+        # before uvicorn dropped it, an error reply arrived first (seen once in CI: a race of the two).
+        try:
+            status = connection.getresponse().status
+        except (http.client.RemoteDisconnected, ConnectionError):
+            status = None
+        assert status is None or status >= 500
