@@ -100,15 +100,19 @@ class OptionError(PonderError):
 _RUN_ARGUMENTS = {"engine", "question", "n", "params", "seed"}  # given by the caller, never as an option
 
 
+def strategy_parameters(run) -> dict[str, inspect.Parameter]:
+    """The options a strategy's ``run`` takes: its keyword-only parameters that the caller does not fill in."""
+    return {name: p for name, p in inspect.signature(run).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RUN_ARGUMENTS}
+
+
 def check_strategy_options(strategy: str, given: dict[str, Any]) -> dict[str, Any]:
     """``given`` checked against the keywords of the strategy's ``run``: names it takes, values of the annotated
     type (converted, e.g. "3" -> 3). Unknown names and bad values raise ``OptionError``."""
     from .strategies import get_strategy
 
     run = get_strategy(strategy)
-    parameters = inspect.signature(run).parameters
-    accepted = [name for name, p in parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RUN_ARGUMENTS]
+    accepted = list(strategy_parameters(run))
     hints = typing.get_type_hints(run)
     options = {}
     for name, value in given.items():

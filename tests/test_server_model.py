@@ -138,8 +138,9 @@ def test_sigterm_with_a_request_in_flight_stops_the_server():
         server.process.terminate()
         server.process.wait(timeout=60)  # a server that waited for its request would still be decoding
         assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
-        # The request was cut off, not answered: the connection drops, or, when the engine closed under the request
-        # before uvicorn dropped it, an error reply arrived first (seen once in CI: a race of the two).
+        # The request was cut off, not answered: the connection drops, or an error reply comes first. One CI run got a
+        # reply instead of a dropped connection (its status was not captured; three local repeats all dropped), so
+        # the test allows an error status, and never an answer.
         try:
             status = connection.getresponse().status
         except (http.client.RemoteDisconnected, ConnectionError):

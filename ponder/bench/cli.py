@@ -39,8 +39,8 @@ def register(subparsers) -> None:
     run.add_argument("--out", required=True, type=Path, help="the results file (JSONL) to create or resume")
     run.add_argument("--replay", type=Path, metavar="RESULTS",
                      help="instead of the model, play back the branches an sc run recorded in RESULTS (same --data, "
-                          "sampling and seed): evaluates stopping rules and votes in seconds; not for strategies that "
-                          "need confidences or a verifier")
+                          "sampling and seed): evaluates stopping rules and votes in seconds; not for what needs "
+                          "per-token confidences (deepconf, self-certainty) or verifier=self")
     bench.set_defaults(func=bench_command)
 
     report = subparsers.add_parser(
@@ -100,10 +100,7 @@ def _replay_engine(args: argparse.Namespace, dataset, problems, config):
     if args.model or args.base_url or args.chat_template or args.engine != "llamacpp":
         raise PonderError("--replay plays back the recorded model's branches; drop --model/--engine/--base-url")
     engine = ReplayEngine(args.replay, dataset)
-    if engine.header["config"]["seed"] != config.seed:
-        raise PonderError(f"{args.replay} was recorded with --seed {engine.header['config']['seed']}; a replay "
-                          f"samples as it did, so use that seed (got {config.seed})")
-    engine.check(config.params, config.n)
+    engine.check(config.params, config.n, config.seed)
     missing = [p.id for p in problems if p.id not in engine.problems]
     if missing:
         raise PonderError(f"{args.replay} has no recording of {len(missing)} of the selected problems "

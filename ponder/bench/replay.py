@@ -30,9 +30,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from ..engine.base import Branch, Message, PonderError, SamplingParams, StopIf, Usage
+from ..engine.base import Branch, PonderError, SamplingParams, StopIf
 from ..engine.fake import FakeBranch, FakeEngine, Script
 from ..prompts import math_messages
 from .datasets import Dataset
@@ -75,11 +74,6 @@ class Recording:
     branches: list[dict]  # the recorded branch summaries, in creation order
 
 
-@dataclass(eq=False)
-class ReplayBranch(FakeBranch):
-    problem: str = ""  # the recorded problem's id; "" for a root that has no recording
-
-
 class ReplayEngine(FakeEngine):
     def __init__(self, source: str | Path, dataset: Dataset):
         header, records = read_results(source)
@@ -118,8 +112,11 @@ class ReplayEngine(FakeEngine):
                 "strategy": self.header["strategy"], "n": self.recorded_n,
                 "seconds_per_token": round(self.seconds_per_token, 6)}
 
-    def check(self, params: SamplingParams, n: int) -> None:
+    def check(self, params: SamplingParams, n: int, seed: int) -> None:
         """Refuse a configuration the recording cannot answer, before any problem runs."""
+        if seed != self.header["config"]["seed"]:
+            raise PonderError(f"{self.source} was recorded with --seed {self.header['config']['seed']}; a replay "
+                              f"samples as it did, so use that seed (got {seed})")
         differ = [f"{name} {getattr(params, name)!r} (recorded {getattr(self.params, name)!r})"
                   for name in vars(self.params) if name not in _RECORDING_ONLY
                   and getattr(params, name) != getattr(self.params, name)]
@@ -132,39 +129,23 @@ class ReplayEngine(FakeEngine):
         """The replay clock: real time plus the recorded run's time for every token replayed so far."""
         return time.time() + self._counters.generated_tokens * self.seconds_per_token
 
-    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
-        recording = self._recordings.get(self._prompt_text(prompt))
+    def _prompt_tokens(self, text: str) -> int:
+        recording = self._recordings.get(text)
         if recording is None:
             raise PonderError(f"{self.source} has no recording of this prompt: a replay can only run the problems "
                               "of the recorded run, and only strategies that sample answers (no verifier prompts)")
-        usage = usage if usage is not None else Usage()
-        usage.prompt_tokens += recording.prompt_tokens
-        self._counters.prefills += 1
-        self._counters.prefill_tokens += recording.prompt_tokens
-        root = ReplayBranch(engine=self, usage=usage, context_tokens=recording.prompt_tokens,
-                            prompt=self._prompt_text(prompt), problem=recording.problem)
-        self._live.add(root)
-        return root
+        return recording.prompt_tokens
 
-    async def fork(self, branch: Branch, n: int) -> list[Branch]:
-        assert isinstance(branch, ReplayBranch)
-        recorded = self._recordings[branch.prompt].branches
+    def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
+        recording = self._recordings[branch.prompt]
         start = self._forked.get(id(branch), 0)
-        if start + n > len(recorded):
-            raise PonderError(f"problem {branch.problem}: the strategy asked for branch {start + n}, but "
-                              f"{self.source} recorded {len(recorded)}")
+        if start + n > len(recording.branches):
+            raise PonderError(f"problem {recording.problem}: the strategy asked for branch {start + n}, but "
+                              f"{self.source} recorded {len(recording.branches)}")
         self._forked[id(branch)] = start + n
-        children = []
-        for summary in recorded[start:start + n]:
-            count = summary["generated_tokens"]
-            script = RecordedScript(summary["text"], logprobs=[summary["mean_logprob"] or 0.0] * count,
-                                    pieces=split_text(summary["text"], count))
-            child = ReplayBranch(engine=self, usage=branch.usage, context_tokens=branch.context_tokens,
-                                 script=script, prompt=branch.prompt, problem=branch.problem)
-            branch.usage.prompt_tokens_shared += branch.context_tokens
-            self._live.add(child)
-            children.append(child)
-        return children
+        return [RecordedScript(b["text"], logprobs=[b["mean_logprob"] or 0.0] * b["generated_tokens"],
+                               pieces=split_text(b["text"], b["generated_tokens"]))
+                for b in recording.branches[start:start + n]]
 
     async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
         if params.top_logprobs:

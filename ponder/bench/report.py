@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..engine.base import PonderError
+from ..options import strategy_parameters
 from .metrics import RunMetrics, summarize
 from .runner import read_results
 
@@ -113,9 +114,7 @@ def _option_defaults(strategy: str) -> dict:
     run = STRATEGIES.get(strategy)
     if run is None:  # a results file from a strategy this ponder no longer has
         return {}
-    return {name: p.default for name, p in inspect.signature(run).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-            and name not in ("params", "seed", "n")}
+    return {name: p.default for name, p in strategy_parameters(run).items() if p.default is not inspect.Parameter.empty}
 
 
 def has_own_curve(run: Run) -> bool:

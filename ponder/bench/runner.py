@@ -145,6 +145,7 @@ class ResultsFile:
     def __init__(self, path: str | Path, header: dict):
         self.path = Path(path)
         self.records: list[dict] = []
+        self.created = not self.path.exists()  # by this run: a run that then fails before any result removes it
         old_header = None
         if self.path.is_dir():
             raise PonderError(f"{self.path} is a directory; --out needs a file path")
@@ -196,7 +197,6 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
         raise PonderError(f"--concurrency must be >= 1, got {concurrency}")
     config = check_config(config)
     strategy = get_strategy(config.strategy)
-    created = not Path(out).exists()
     results = ResultsFile(out, make_header(engine, dataset, config, replay))
     try:
         finished = results.finished
@@ -215,7 +215,7 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
                 raise group.exceptions[0] from None
     except BaseException:
         results.close()
-        if created and not results.records:  # a file this run made and put no result in: nothing to resume
+        if results.created and not results.records:  # a file this run made and put no result in: nothing to resume
             results.path.unlink(missing_ok=True)
         raise
     results.close()

@@ -53,7 +53,7 @@ class FakeEngine(Engine):
 
     async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
         text = self._prompt_text(prompt)
-        n = len(text.split())
+        n = self._prompt_tokens(text)
         if n > self.kv_cells:
             raise PromptTooLongError(f"prompt has {n} tokens; the context holds {self.kv_cells}")
         usage = usage if usage is not None else Usage()
@@ -64,11 +64,20 @@ class FakeEngine(Engine):
         self._live.add(branch)
         return branch
 
+    def _prompt_tokens(self, text: str) -> int:
+        """How many tokens the prompt ``text`` counts as: one per word."""
+        return len(text.split())
+
+    def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
+        """The scripts of ``n`` new forks of ``branch``: the next ones in turn."""
+        scripts = [self.scripts[(self._next_script + i) % len(self.scripts)] for i in range(n)]
+        self._next_script += n
+        return scripts
+
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
+        assert isinstance(branch, FakeBranch)
         children = []
-        for _ in range(n):
-            script = self.scripts[self._next_script % len(self.scripts)]
-            self._next_script += 1
+        for script in self._scripts_for(branch, n):
             child = FakeBranch(engine=self, usage=branch.usage, context_tokens=branch.context_tokens, script=script,
                                prompt=branch.prompt)
             branch.usage.prompt_tokens_shared += branch.context_tokens
