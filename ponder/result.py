@@ -22,7 +22,7 @@ class BranchSummary:
         return cls(
             text=branch.text,
             answer=extract_answer(branch.text, last_number=branch.finish_reason == "stop"),
-            generated_tokens=len(branch.tokens),
+            generated_tokens=len(branch.tokens) - branch.appended_tokens,
             finish_reason=branch.finish_reason,
             mean_logprob=branch.mean_logprob,
             mean_confidence=branch.mean_confidence,
@@ -38,6 +38,7 @@ class Result:
     model: ModelInfo
     strategy: str
     config: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what a strategy reports beyond the vote (escalated, steps, ...)
 
     @classmethod
     def from_vote(cls, vote: Vote, branches: list[BranchSummary], usage: Usage, model: ModelInfo,
@@ -53,4 +54,5 @@ class Result:
             "model": {"name": self.model.name, "sha256": self.model.sha256},
             "strategy": self.strategy,
             "config": self.config,
+            **({"details": self.details} if self.details else {}),
         }

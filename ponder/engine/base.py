@@ -11,6 +11,19 @@ Four pieces, small enough to hold in your head:
 
 A strategy only ever talks to ``Engine.open`` and the ``Branch`` methods, so the same strategy runs on the in-process
 llama.cpp engine, a remote OpenAI-compatible server, or the deterministic fake engine of the tests.
+
+How the contract grew, and why (each change was made once, for every engine and strategy):
+
+* **Several models** (two-model collaboration: cascades, SpecReason, GlimpRouter, a judge). One engine holds every
+  model a request uses, so that one scheduler decodes them all: two llama.cpp thread pools on the same cores slow
+  both models down manyfold. ``Engine.open(prompt, usage, model=NAME)`` opens a conversation on any model the engine
+  can load (``None`` is the engine's default model), and ``Branch.model`` says which model a branch lives on.
+* **Carrying text across** (``Branch.append``): a step one model wrote is evaluated into another model's branch as
+  if that branch had written it, so the other model's KV cache follows the conversation and only the new tokens are
+  computed. The same call lets a strategy insert its own text (a verification question, a probe) into a branch.
+* **Accounting per model and per kind**: ``Usage`` keeps the totals it always had and, beside them, the same counters
+  per model (``Usage.models``) plus drafted/accepted tokens of speculative decoding and wall time per named stage
+  (``Usage.stages``, e.g. the sandbox). Engines count through ``Usage.add`` so both views always agree.
 """
 
 from __future__ import annotations
@@ -73,49 +86,73 @@ class SamplingParams:
         return self.logprobs or self.top_logprobs > 0
 
 
+COUNTERS = ("prompt_tokens", "prompt_tokens_shared", "generated_tokens", "scored_tokens", "drafted_tokens",
+            "accepted_tokens")
+
+
 @dataclass
 class Usage:
     """Token and time account of one request, added to by every branch that belongs to it.
 
-    ``prompt_tokens`` counts each prompt once; ``prompt_tokens_shared`` counts context tokens that forks reused from
-    their parent's KV cells instead of recomputing them; ``generated_tokens`` counts every sampled token of every
-    branch, cancelled ones included (that is the honest cost); ``scored_tokens`` counts tokens fed by ``score``.
+    ``prompt_tokens`` counts each prompt once, and text a strategy ``append``-s to a branch; ``prompt_tokens_shared``
+    counts context tokens that forks reused from their parent's KV cells instead of recomputing them;
+    ``generated_tokens`` counts every sampled token of every branch, cancelled ones included (that is the honest
+    cost); ``scored_tokens`` counts tokens fed by ``score``; ``drafted_tokens`` and ``accepted_tokens`` count the
+    draft model's proposals under speculative decoding and how many of them the target kept (the accepted ones are
+    also in ``generated_tokens``, on the target model). The fields are totals over every model; ``models`` holds the
+    same counters per model name, and ``stages`` wall seconds per named stage (``"sandbox"``, ...).
     """
 
     prompt_tokens: int = 0
     prompt_tokens_shared: int = 0
     generated_tokens: int = 0
     scored_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     wall_s: float = 0.0
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, kind: str, n: int, model: str) -> None:
+        """Count ``n`` tokens of ``kind`` (one of ``COUNTERS``) spent on ``model``."""
+        setattr(self, kind, getattr(self, kind) + n)
+        per_model = self.models.setdefault(model, {})
+        per_model[kind] = per_model.get(kind, 0) + n
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
     def to_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_tokens_shared": self.prompt_tokens_shared,
-            "generated_tokens": self.generated_tokens,
-            "scored_tokens": self.scored_tokens,
-            "wall_s": round(self.wall_s, 4),
-        }
+        out = {kind: getattr(self, kind) for kind in COUNTERS if kind in COUNTERS[:4] or getattr(self, kind)}
+        out["wall_s"] = round(self.wall_s, 4)
+        if self.models:
+            out["models"] = {name: dict(counts) for name, counts in self.models.items()}
+        if self.stages:
+            out["stages"] = {name: round(s, 4) for name, s in self.stages.items()}
+        return out
 
 
 @dataclass(eq=False)  # identity semantics: branches live in sets and dicts
 class Branch:
     """One live sequence. Engines create branches; strategies call the methods below.
 
-    ``text`` is exactly the detokenized ``tokens``: when a stop string ends an extend, the string stays in ``text``
-    (``matched_stop`` says which) because its tokens are in the KV cells and a later ``extend`` continues after them.
+    ``text`` is exactly the detokenized ``tokens``: everything after the prompt, sampled or appended, in order. When a
+    stop string ends an extend, the string stays in ``text`` (``matched_stop`` says which) because its tokens are in
+    the KV cells and a later ``extend`` continues after them.
     """
 
     engine: Engine
     usage: Usage
     context_tokens: int  # tokens in the sequence: prompt + generated so far
+    model: str = ""  # the name of the model this branch lives on (``Engine.open(..., model=)``)
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "halted" | "cancelled" once an extend ended; None before
     matched_stop: str | None = None
-    token_logprobs: list[float] = field(default_factory=list)
+    appended_tokens: int = 0  # how many of ``tokens`` came from ``append`` rather than sampling
+    token_logprobs: list[float] = field(default_factory=list)  # per sampled token
     confidences: list[float] = field(default_factory=list)
-    entropies: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)  # of the top-k alternatives, renormalised (nats)
     released: bool = False
 
     async def extend(self, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
@@ -128,6 +165,18 @@ class Branch:
         if self.released:
             raise PonderError("cannot extend a released branch")
         return await self.engine.extend(self, params, stop_if)
+
+    async def append(self, text: str) -> Branch:
+        """Evaluate ``text`` into this branch as if it had been generated (no sampling); return self.
+
+        The tokens are computed once into the branch's KV cells and count as ``prompt_tokens`` of the branch's model.
+        Use it to carry what another model wrote into this model's branch, or to add a question or a probe.
+        """
+        if self.released:
+            raise PonderError("cannot append to a released branch")
+        if not text:
+            return self
+        return await self.engine.append(self, text)
 
     async def fork(self, n: int) -> list[Branch]:
         """Return ``n`` new branches that share this branch's KV cells; this branch stays usable."""
@@ -152,7 +201,8 @@ class Branch:
     def history(self) -> dict:
         """What a fork inherits from this branch: its generated text and per-token records (engines pass these to
         the child's constructor)."""
-        return {"text": self.text, "tokens": list(self.tokens), "token_logprobs": list(self.token_logprobs),
+        return {"text": self.text, "tokens": list(self.tokens), "appended_tokens": self.appended_tokens,
+                "model": self.model, "token_logprobs": list(self.token_logprobs),
                 "confidences": list(self.confidences), "entropies": list(self.entropies)}
 
     @property
@@ -194,8 +244,16 @@ class Engine(ABC):
     model: ModelInfo
 
     @abstractmethod
-    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
-        """Evaluate a prompt once and return its root branch. A list of messages goes through the chat template."""
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
+                   model: str | None = None) -> Branch:
+        """Evaluate a prompt once and return its root branch. A list of messages goes through the chat template.
+
+        ``model`` names the model to open it on (a bundled name or a GGUF path on the in-process engine, a served
+        model name on a remote one); ``None`` is the engine's default model, ``self.model``. An engine loads a
+        model the first time it is asked for and keeps it; a model it cannot serve is a ``PonderError``."""
+
+    @abstractmethod
+    async def append(self, branch: Branch, text: str) -> Branch: ...
 
     @abstractmethod
     async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch: ...

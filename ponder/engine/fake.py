@@ -51,16 +51,19 @@ class FakeEngine(Engine):
     def _prompt_text(self, prompt: str | Sequence[Message]) -> str:
         return prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
 
-    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
+                   model: str | None = None) -> Branch:
+        if model is not None and model != self.model.name:
+            raise PonderError(f"the fake engine serves only {self.model.name!r}, not {model!r}")
         text = self._prompt_text(prompt)
         n = self._prompt_tokens(text)
         if n > self.kv_cells:
             raise PromptTooLongError(f"prompt has {n} tokens; the context holds {self.kv_cells}")
         usage = usage if usage is not None else Usage()
-        usage.prompt_tokens += n
+        usage.add("prompt_tokens", n, self.model.name)
         self._counters.prefills += 1
         self._counters.prefill_tokens += n
-        branch = FakeBranch(engine=self, usage=usage, context_tokens=n, prompt=text)
+        branch = FakeBranch(engine=self, usage=usage, context_tokens=n, prompt=text, model=self.model.name)
         self._live.add(branch)
         return branch
 
@@ -79,8 +82,8 @@ class FakeEngine(Engine):
         children = []
         for script in self._scripts_for(branch, n):
             child = FakeBranch(engine=self, usage=branch.usage, context_tokens=branch.context_tokens, script=script,
-                               prompt=branch.prompt)
-            branch.usage.prompt_tokens_shared += branch.context_tokens
+                               prompt=branch.prompt, model=branch.model)
+            branch.usage.add("prompt_tokens_shared", branch.context_tokens, branch.model)
             self._live.add(child)
             children.append(child)
         return children
@@ -104,7 +107,7 @@ class FakeEngine(Engine):
             branch.tokens.append(i)
             branch.text += tokens[i]
             branch.context_tokens += 1
-            branch.usage.generated_tokens += 1
+            branch.usage.add("generated_tokens", 1, branch.model)
             self._counters.generated_tokens += 1
             if params.wants_logprobs:
                 branch.token_logprobs.append(branch.script.logprobs[i] if i < len(branch.script.logprobs) else -0.1)
@@ -125,10 +128,20 @@ class FakeEngine(Engine):
     async def score(self, branch: Branch, continuation: str) -> float:
         assert isinstance(branch, FakeBranch)
         n = len(continuation.split())
-        branch.usage.scored_tokens += n
+        branch.usage.add("scored_tokens", n, branch.model)
         if self.score_fn is not None:
             return self.score_fn(branch.prompt + branch.text, continuation)
         return -0.1 * n
+
+    async def append(self, branch: Branch, text: str) -> Branch:
+        assert isinstance(branch, FakeBranch)
+        n = self._prompt_tokens(text)
+        branch.text += text
+        branch.tokens.extend([-1] * n)
+        branch.appended_tokens += n
+        branch.context_tokens += n
+        branch.usage.add("prompt_tokens", n, branch.model)
+        return branch
 
     def release(self, branch: Branch) -> None:
         self._live.discard(branch)  # type: ignore[arg-type]

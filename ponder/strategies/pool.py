@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..answers import vote
-from ..engine.base import Branch, Engine, PonderError, SamplingParams, StopIf, Usage
+from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..prompts import math_messages
 from ..result import BranchSummary, Result
 from ..stopping import Rule, TokenBudget, first_of
@@ -36,11 +36,18 @@ def run_config(*, n: int, params: SamplingParams, seed: int | None, budget: int 
 
 
 class Pool:
-    def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | None):
+    """``messages`` replaces the standard math prompt of ``question`` (e.g. a program-writing prompt); ``model`` opens
+    it on another model of the engine (default: the engine's own); pools that pass the same ``usage`` share one
+    account (and one budget count) -- a strategy that mixes prompts or models reports one usage."""
+
+    def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | None,
+                 messages: Sequence[Message] | None = None, model: str | None = None, usage: Usage | None = None):
         self.engine = engine
         self.question = question
+        self.messages = list(messages) if messages is not None else math_messages(question)
+        self.model = model
         self.seed = seed
-        self.usage = Usage()
+        self.usage = usage if usage is not None else Usage()
         self.budget = TokenBudget(budget, self.usage)
         self.branches: list[Branch] = []  # every branch forked, in creation order
         self.finished: list[Branch] = []  # the ones that ended on their own, in finishing order
@@ -48,7 +55,7 @@ class Pool:
         self._start = time.perf_counter()
 
     async def __aenter__(self) -> Pool:
-        self.root = await self.engine.open(math_messages(self.question), self.usage)
+        self.root = await self.engine.open(self.messages, self.usage, model=self.model)
         return self
 
     async def __aexit__(self, *exc) -> None:
