@@ -115,12 +115,12 @@ def test_an_interrupted_bench_keeps_what_finished(tmp_path, monkeypatch, capsys)
     class InterruptedEngine(ClosingEngine):
         opened = 0
 
-        async def open(self, prompt, usage=None):
+        async def open(self, prompt, usage=None, *, model=None):
             InterruptedEngine.opened += 1
             if InterruptedEngine.opened == 3:
                 signal.raise_signal(signal.SIGINT)  # Ctrl-C while the third problem starts
                 await asyncio.sleep(1)
-            return await super().open(prompt, usage)
+            return await super().open(prompt, usage, model=model)
 
     monkeypatch.setattr(options, "load_engine", lambda *a, **k: InterruptedEngine(["\\boxed{7}"]))
     # Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored (a background job, some CI runners)

@@ -28,11 +28,14 @@ from ponder.server.process import free_port
 
 class ScriptedCompletions:
     """An OpenAI-compatible app whose ``/v1/completions`` plays ``words`` (one chunk per word when streaming), with
-    ``n`` choices if ``honours_n``, after ``delay`` seconds, failing the next ``failures`` calls with
-    ``failure_status`` first, or breaking the connection after ``break_after`` words. Like vLLM, its usage counts the end-of-sequence token, which streams no text."""
+    ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks,
+    after ``delay`` seconds, failing the next ``failures`` calls with ``failure_status`` first, or breaking the
+    connection after ``break_after`` words. Its prompts have one token per whitespace-separated word; like vLLM, its
+    usage counts the end-of-sequence token, which streams no text."""
 
-    def __init__(self, honours_n: bool = False):
+    def __init__(self, honours_n: bool = False, honours_logprobs: bool = False):
         self.honours_n = honours_n
+        self.honours_logprobs = honours_logprobs
         self.words = ["The", " answer", " is", " 4", "."]
         self.failures, self.failure_status, self.delay = 0, 503, 0.0
         self.break_after: int | None = None  # words streamed before the connection breaks
@@ -52,14 +55,24 @@ class ScriptedCompletions:
                 self.failures -= 1
                 return JSONResponse({"error": {"message": "overloaded, try again"}}, status_code=self.failure_status)
             n = body.get("n", 1) if self.honours_n else 1
+            logprobs = self.honours_logprobs and bool(body.get("logprobs"))
             if body.get("stream"):
-                return StreamingResponse(self._stream(n, body["max_tokens"]), media_type="text/event-stream")
-            return self._completion([{"index": i, "text": "x", "finish_reason": "length", "logprobs": None}
-                                     for i in range(n)], usage=(3, n))
+                return StreamingResponse(self._stream(n, body["max_tokens"], logprobs),
+                                         media_type="text/event-stream")
+            return self._completion([self._choice(i, "x", "length", logprobs) for i in range(n)],
+                                    usage=(len(body["prompt"].split()), n))
 
     @property
     def hits(self) -> int:
         return len(self.bodies)
+
+    @staticmethod
+    def _choice(index: int, text: str, finish_reason: str | None, logprobs: bool) -> dict:
+        tokens = [text] if text else []
+        return {"index": index, "text": text, "finish_reason": finish_reason,
+                "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
+                             "top_logprobs": [{t: -0.25} for t in tokens], "text_offset": [0] * len(tokens)}
+                if logprobs else None}
 
     def _completion(self, choices: list[dict], usage: tuple[int, int] | None = None) -> dict:
         completion = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "scripted",
@@ -69,19 +82,17 @@ class ScriptedCompletions:
                                    "total_tokens": sum(usage)}
         return completion
 
-    async def _stream(self, n: int, max_tokens: int):
+    async def _stream(self, n: int, max_tokens: int, logprobs: bool):
         words = self.words[:max_tokens]
         finish = "length" if len(self.words) >= max_tokens else "stop"
         for k, word in enumerate(words):
             if k == self.break_after:
                 raise ConnectionAbortedError("the server process died")
             for i in range(n):
-                chunk = self._completion([{"index": i, "text": word, "finish_reason": None, "logprobs": None}])
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps(self._completion([self._choice(i, word, None, logprobs)]))}\n\n"
                 await asyncio.sleep(0)
         for i in range(n):
-            chunk = self._completion([{"index": i, "text": "", "finish_reason": finish, "logprobs": None}])
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield f"data: {json.dumps(self._completion([self._choice(i, '', finish, logprobs)]))}\n\n"
         generated = n * (len(words) + (finish == "stop"))
         yield f"data: {json.dumps(self._completion([], usage=(3, generated)))}\n\n"
         yield "data: [DONE]\n\n"
@@ -172,13 +183,55 @@ def test_the_only_served_model_is_the_default(scripted):
     engine.close()
 
 
+def test_open_takes_only_the_served_model(scripted):
+    _, served = scripted()
+    engine = OpenAIEngine([served.url])
+    root = asyncio.run(engine.open("a prompt", model="scripted"))
+    assert root.model == "scripted"
+    with pytest.raises(PonderError, match="serves 'scripted' .*not 'judge': one engine serves one remote model"):
+        asyncio.run(engine.open("a prompt", model="judge"))
+    engine.close()
+
+
+def test_append_counts_what_the_server_counts_beyond_the_context(scripted):
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url])
+
+    async def run():
+        usage = Usage()
+        root = await engine.open("Q: 2+2? A:", usage)  # 3 tokens (one per word)
+        await root.append(" Let us think.")  # the prefix now has 6
+        (child,) = await root.fork(1)
+        await child.extend(SamplingParams(max_tokens=10))
+        await child.append(" Check:")
+        return root, child, usage
+
+    backend.bodies = []
+    root, child, usage = asyncio.run(run())
+    assert backend.bodies[1]["prompt"] == "Q: 2+2? A: Let us think." and backend.bodies[1]["max_tokens"] == 1
+    assert root.text == " Let us think." and root.tokens == [-1] * 3 and root.appended_tokens == 3
+    assert root.context_tokens == 6
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert streamed[0]["prompt"] == "Q: 2+2? A: Let us think."  # generation continues after the appended text
+    assert child.text == " Let us think.The answer is 4. Check:"
+    # The server counts 10 words in the last prefix, the child held 6 + 5 generated tokens = 11 ("think." and "The"
+    # retokenize as one word): text that retokenizes shorter than it was sampled adds 0 tokens, never fewer.
+    assert child.appended_tokens == 3 and child.context_tokens == 11
+    # 3 + 3 appended prompt tokens; open, the two appends and the stream's end token each generated one.
+    assert usage.prompt_tokens == 6 and usage.generated_tokens == 5 + 4
+    assert usage.models == {"scripted": {"prompt_tokens": 6, "generated_tokens": 9, "prompt_tokens_shared": 6}}
+    with pytest.raises(PonderError, match="cannot append to a released branch"):
+        root.release()
+        asyncio.run(root.append("more"))
+
+
 def test_429_and_5xx_are_retried_with_backoff(scripted, monkeypatch):
     monkeypatch.setattr("ponder.engine.openai.BACKOFF_S", 0.05)
     backend, served = scripted()
     engine = OpenAIEngine([served.url], retries=2)
     backend.bodies, backend.failures, backend.failure_status = [], 2, 429
     usage = Usage()
-    root = asyncio.run(engine.open("a prompt", usage))
+    root = asyncio.run(engine.open("a short prompt", usage))
     assert backend.hits == 3  # two refusals, then the answer
     assert root.context_tokens == 3 and usage.prompt_tokens == 3 and usage.generated_tokens == 1
 
@@ -215,11 +268,11 @@ def test_requests_go_to_the_least_loaded_server_and_skip_one_that_is_down(script
         asyncio.run(opens(1))
 
 
-async def three_siblings(engine: OpenAIEngine, stop_if=None):
+async def three_siblings(engine: OpenAIEngine, stop_if=None, params=SamplingParams(max_tokens=10)):
     usage = Usage()
     root = await engine.open("Q: 2+2? A:", usage)
     branches = await root.fork(3)
-    await asyncio.gather(*(b.extend(SamplingParams(max_tokens=10), stop_if) for b in branches))
+    await asyncio.gather(*(b.extend(params, stop_if) for b in branches))
     for branch in [root, *branches]:
         branch.release()
     return branches, usage
@@ -266,14 +319,74 @@ def test_a_per_token_rule_gives_each_branch_its_own_request(scripted):
 
 
 def test_without_n_each_branch_is_a_concurrent_request(scripted):
+    from ponder.strategies import get_strategy
+
     backend, served = scripted(honours_n=False)
     engine = OpenAIEngine([served.url])
     assert not engine._servers[0].supports_n
     backend.bodies = []
     branches, usage = asyncio.run(three_siblings(engine))
-    assert len([body for body in backend.bodies if body.get("stream")]) == 3
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert len(streamed) == 3 and all("n" not in body for body in streamed)
     assert [b.text for b in branches] == ["The answer is 4."] * 3
     assert usage.generated_tokens == 15 + 3 + 1  # each stream's usage counts its end token
+    backend.bodies = []  # self-consistency's n samples become n requests of one choice each
+    result = asyncio.run(get_strategy("sc")(engine, "What is 2 + 2?", n=4, seed=7))
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert len(streamed) == 4 and all("n" not in body for body in streamed)
+    assert result.answer == "4" and len(result.branches) == 4
+
+
+def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
+    from ponder.strategies import get_strategy
+
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url])
+    assert backend.bodies == [{"model": "scripted", "prompt": "1+1=", "max_tokens": 1, "temperature": 1.0, "n": 2}]
+    (server,) = engine._servers
+    assert server.supports_logprobs is None and server.supports_echo_logprobs is None
+    backend.bodies = []
+    asyncio.run(get_strategy("sc")(engine, "What is 2 + 2?", n=2, seed=7))
+    assert not any("logprobs" in body or "echo" in body for body in backend.bodies)  # majority votes need neither
+
+    async def extend_with_logprobs():
+        root = await engine.open("Q: 2+2? A:")
+        try:
+            await root.extend(SamplingParams(max_tokens=10, logprobs=True))
+        finally:
+            root.release()
+
+    backend.bodies = []
+    for _ in range(2):
+        with pytest.raises(PonderError, match="needs token logprobs, which the remote server does not return"):
+            asyncio.run(extend_with_logprobs())
+    assert [body.get("logprobs") for body in backend.bodies] == [None, 1, None]  # open, the probe (once), open
+    assert server.supports_logprobs is False
+
+    async def score():
+        root = await engine.open("Q: 2+2? A:")
+        try:
+            await root.score(" 4")
+        finally:
+            root.release()
+
+    backend.bodies = []
+    with pytest.raises(PonderError, match=r"score\(\) needs prompt logprobs"):
+        asyncio.run(score())
+    assert [body.get("echo") for body in backend.bodies] == [None, True]
+    assert server.supports_echo_logprobs is False
+
+
+def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(scripted):
+    backend, served = scripted(honours_n=True, honours_logprobs=True)
+    engine = OpenAIEngine([served.url])
+    backend.bodies = []
+    branches, _ = asyncio.run(three_siblings(engine, params=SamplingParams(max_tokens=10, logprobs=True)))
+    probes = [body for body in backend.bodies if body.get("logprobs") and not body.get("stream")]
+    streamed = [body for body in backend.bodies if body.get("stream")]
+    assert len(probes) == 1 and engine._servers[0].supports_logprobs
+    assert len(streamed) == 1 and streamed[0]["n"] == 3 and streamed[0]["logprobs"] == 1
+    assert all(b.token_logprobs == [-0.25] * 5 for b in branches)
 
 
 def test_ponder_serve_answers_503_when_the_remote_is_down(scripted):

@@ -5,6 +5,8 @@ in-process engine uses) plus everything the branch has generated. Each operation
 
 * ``open`` sends the prompt with ``max_tokens=1``: the server evaluates it once (and keeps it in its prefix cache),
   reports its token count, and a prompt that does not fit fails here, as on the in-process engine.
+* ``append`` does the same with the branch's prefix plus the new text: the server's prompt count minus the branch's
+  context is the number of tokens appended.
 * ``fork`` sends nothing: children copy the parent's text; their requests share the prompt through the server's
   prefix cache, so forks count in ``prompt_tokens_shared`` exactly as on the in-process engine.
 * ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
@@ -15,6 +17,9 @@ in-process engine uses) plus everything the branch has generated. Each operation
 * ``score`` sends prefix + continuation with ``echo`` and ``logprobs`` and sums the continuation's prompt logprobs.
 * ``release`` closes the branch's request once no other branch reads it.
 
+One engine serves one remote model (the one named, or the only one the server lists); every branch has it as
+``model``.
+
 Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated token, so counts
 are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the entropy is
 over those k alternatives only, a lower bound of the model's).
@@ -23,6 +28,16 @@ Several base URLs: each request goes to the least-loaded server that is up (ties
 before, whose prefix cache holds it). Connection errors, 429 and 5xx are retried, on another server at once if there
 is one, else after an exponential backoff; a server that cannot be reached is skipped for ``DOWN_S`` seconds, and the
 final error says which server failed and how.
+
+What a server honours is asked of it by small probe requests (``max_tokens=1``; the engine's own, not counted in any
+request's usage). Only ``n`` is probed when the engine starts: dispatch needs it for the first request, and the probe
+costs what one prompt evaluation costs. Logprobs and prompt logprobs with ``echo`` are probed the first time an
+``extend`` asks for logprobs or a ``score`` is called, and then never again. Those two probes are the expensive ones:
+llama-cpp-python's server sorts the whole vocabulary in Python for every token whose logprobs it returns, so
+probing them at start-up cost a one-question ``ponder ask`` most of its wall time (about 20 s), and most runs
+(``sc``, ``adaptive``, ``short_mk`` with majority votes) never need them. Remembering answers on disk per URL was
+the alternative; it was not chosen because a server restarted with another version behind the same URL would be
+described wrongly until the entry expired, and lazy probes leave nothing to go stale.
 """
 
 from __future__ import annotations
@@ -59,8 +74,9 @@ class RemoteUnavailableError(PonderError):
 class _Server:
     url: str
     supports_n: bool
-    supports_logprobs: bool
-    supports_echo_logprobs: bool  # prompt logprobs with echo, which score() needs
+    # Probed on first need (see the module docstring): None until then.
+    supports_logprobs: bool | None = None
+    supports_echo_logprobs: bool | None = None  # prompt logprobs with echo, which score() needs
     in_flight: int = 0
     down_until: float = 0.0
 
@@ -96,6 +112,7 @@ class _LoopClients:
     loop: asyncio.AbstractEventLoop
     clients: dict[str, openai.AsyncOpenAI]
     slots: dict[str, asyncio.Semaphore]
+    probes: dict[str, asyncio.Task] = field(default_factory=dict)  # capability -> the probe of the servers
 
 
 class OpenAIEngine(Engine):
@@ -115,7 +132,7 @@ class OpenAIEngine(Engine):
                    for url in urls}
         listed = {url: _model_ids(client, url) for url, client in clients.items()}
         served = model or _only_model(urls[0], listed[urls[0]])
-        self._servers = [_probe(clients[url], url, listed[url], served) for url in urls]
+        self._servers = [_probe_n(clients[url], url, listed[url], served) for url in urls]
         for client in clients.values():
             client.close()
         self._n_everywhere = all(s.supports_n for s in self._servers)
@@ -141,22 +158,50 @@ class OpenAIEngine(Engine):
 
     # ---- the Branch API ------------------------------------------------------------------------------------------
 
-    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
+                   model: str | None = None) -> Branch:
+        served = self.model.name
+        if model is not None and model != served:
+            raise PonderError(f"this openai engine serves {served!r} (at {self.model.path}), not {model!r}: one "
+                              "engine serves one remote model for now")
         text = prompt if isinstance(prompt, str) else self._template(messages=list(prompt)).prompt
         if not text:
             raise PonderError("the prompt is empty")
         usage = usage if usage is not None else Usage()
         async with self._request(None, prompt=text, max_tokens=1, temperature=0.0) as (server, completion):
             counted = _usage_of(completion, server)
-        usage.prompt_tokens += counted.prompt_tokens
-        usage.generated_tokens += counted.completion_tokens  # the one token this request had to generate
+        usage.add("prompt_tokens", counted.prompt_tokens, served)
+        usage.add("generated_tokens", counted.completion_tokens, served)  # the one token this request had to generate
         self._counters.prefills += 1
         self._counters.prefill_tokens += counted.prompt_tokens
         self._counters.generated_tokens += counted.completion_tokens
-        root = RemoteBranch(engine=self, usage=usage, context_tokens=counted.prompt_tokens, prompt=text,
+        root = RemoteBranch(engine=self, usage=usage, context_tokens=counted.prompt_tokens, model=served, prompt=text,
                             server=server)
         self._live.add(root)
         return root
+
+    async def append(self, branch: Branch, text: str) -> Branch:
+        assert isinstance(branch, RemoteBranch)
+        if branch.job is not None:
+            raise PonderError("cannot append to a branch while it is extending")
+        # Counted the way open counts a prompt: the server tokenizes the whole new prefix (its prefix cache holds
+        # all but the new text); what it counts beyond the branch's context is the appended text.
+        async with self._request(branch.server, prompt=branch.prompt + branch.text + text, max_tokens=1,
+                                 temperature=0.0) as (server, completion):
+            counted = _usage_of(completion, server)
+        # Never negative: text that merges with the branch's last tokens can retokenize shorter than it was sampled.
+        appended = max(counted.prompt_tokens - branch.context_tokens, 0)
+        branch.server = server
+        branch.text += text
+        branch.tokens.extend([-1] * appended)
+        branch.appended_tokens += appended
+        branch.context_tokens += appended
+        branch.usage.add("prompt_tokens", appended, branch.model)
+        branch.usage.add("generated_tokens", counted.completion_tokens, branch.model)
+        self._counters.prefills += 1
+        self._counters.prefill_tokens += appended
+        self._counters.generated_tokens += counted.completion_tokens
+        return branch
 
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
         assert isinstance(branch, RemoteBranch)
@@ -168,7 +213,7 @@ class OpenAIEngine(Engine):
                 engine=self, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
                 prompt=branch.prompt, server=branch.server,
             )
-            branch.usage.prompt_tokens_shared += branch.context_tokens
+            branch.usage.add("prompt_tokens_shared", branch.context_tokens, branch.model)
             self._live.add(child)
             children.append(child)
         return children
@@ -177,7 +222,7 @@ class OpenAIEngine(Engine):
         assert isinstance(branch, RemoteBranch)
         if branch.job is not None:
             raise PonderError("this branch is already extending")
-        if params.wants_logprobs and not all(s.supports_logprobs for s in self._servers):
+        if params.wants_logprobs and not await self._supports("supports_logprobs"):
             raise PonderError("this strategy needs token logprobs, which the remote server does not return")
         branch.finish_reason = branch.matched_stop = None
         loop = asyncio.get_running_loop()
@@ -197,7 +242,7 @@ class OpenAIEngine(Engine):
         assert isinstance(branch, RemoteBranch)
         if not continuation:
             raise PonderError("score needs a non-empty continuation")
-        if not all(s.supports_echo_logprobs for s in self._servers):
+        if not await self._supports("supports_echo_logprobs"):
             raise PonderError("score() needs prompt logprobs (echo with logprobs) that the remote server does not "
                               "return correctly; vLLM does (llama-cpp-python 0.3's are shifted by one token)")
         prefix = branch.prompt + branch.text
@@ -220,8 +265,8 @@ class OpenAIEngine(Engine):
                 total += logprob
                 scored += 1
             position += len(token)
-        branch.usage.scored_tokens += scored
-        branch.usage.generated_tokens += counted.completion_tokens
+        branch.usage.add("scored_tokens", scored, branch.model)
+        branch.usage.add("generated_tokens", counted.completion_tokens, branch.model)
         self._counters.generated_tokens += counted.completion_tokens
         return total
 
@@ -253,6 +298,24 @@ class OpenAIEngine(Engine):
                 state.loop.run_until_complete(client.close())
 
     # ---- requests ------------------------------------------------------------------------------------------------
+
+    async def _supports(self, capability: str) -> bool:
+        """Whether every server honours ``capability`` (a ``_Server`` field probed on first need). Callers that ask
+        at the same time share one probe; a probe that failed (a server down) is tried again by the next caller."""
+        if any(getattr(s, capability) is None for s in self._servers):
+            state = self._clients()
+            probe = state.probes.get(capability)
+            if probe is None or probe.done():
+                probe = state.probes[capability] = asyncio.get_running_loop().create_task(
+                    self._probe_servers(capability))
+            await asyncio.shield(probe)  # one caller giving up does not cancel the others' probe
+        return all(getattr(s, capability) for s in self._servers)
+
+    async def _probe_servers(self, capability: str) -> None:
+        probe, clients = _LAZY_PROBES[capability], self._clients().clients
+        for server in self._servers:
+            if getattr(server, capability) is None:
+                setattr(server, capability, await probe(clients[server.url], server.url, self.model.name))
 
     def _dispatch_pending(self) -> None:
         jobs, self._pending = self._pending, []
@@ -330,7 +393,7 @@ class OpenAIEngine(Engine):
             b.text += choice.text
             b.tokens.extend([-1] * count)
             b.context_tokens += count
-            b.usage.generated_tokens += count
+            b.usage.add("generated_tokens", count, b.model)
             self._counters.generated_tokens += count
             if job.params.wants_logprobs and logprobs is not None:
                 _record_logprobs(b, logprobs, job.params.top_logprobs)
@@ -348,7 +411,7 @@ class OpenAIEngine(Engine):
         """Tokens the server reports but did not stream as chunks of their own (e.g. an end token) still cost."""
         usages = {id(j.branch.usage): j.branch.usage for j in jobs}
         if unseen > 0 and len(usages) == 1:
-            next(iter(usages.values())).generated_tokens += unseen
+            next(iter(usages.values())).add("generated_tokens", unseen, jobs[0].branch.model)
             self._counters.generated_tokens += unseen
 
     def _matched_stop(self, job: _Extend, piece_len: int) -> bool:
@@ -492,26 +555,45 @@ def _only_model(url: str, models: list[str]) -> str:
     return models[0]
 
 
-def _probe(client: openai.OpenAI, url: str, models: list[str], served: str) -> _Server:
-    """Ask the server what it honours: ``n`` > 1 (llama.cpp's servers ignore or reject it), logprobs, and prompt
-    logprobs with ``echo`` that belong to the right tokens (llama-cpp-python 0.3's are shifted by one position)."""
+def _probe_n(client: openai.OpenAI, url: str, models: list[str], served: str) -> _Server:
+    """The server, once it is known to serve ``served`` and whether it honours ``n`` > 1 (llama.cpp's servers ignore
+    or reject it). The other capabilities are probed on first need (``_LAZY_PROBES``)."""
     if served not in models:
         raise PonderError(f"{url} does not serve {served!r}; it serves: {', '.join(models) or 'nothing'}")
+    try:  # temperature 1: some servers refuse n > 1 with greedy sampling
+        with_n = client.completions.create(model=served, prompt="1+1=", max_tokens=1, temperature=1.0, n=2)
+    except openai.APIStatusError:
+        return _Server(url=url, supports_n=False)
+    return _Server(url=url, supports_n=len(with_n.choices) == 2)
 
-    def answer(prompt: str = "1+1=", temperature: float = 0.0, **extra) -> openai.types.Completion | None:
-        try:
-            return client.completions.create(model=served, prompt=prompt, max_tokens=1, temperature=temperature,
-                                             **extra)
-        except openai.APIStatusError:
-            return None
 
-    with_n = answer(n=2, temperature=1.0)  # some servers refuse n > 1 with greedy sampling
-    with_logprobs = answer(logprobs=1)
-    echoed = answer(COUNTING, echo=True, logprobs=1)
-    logprobs = with_logprobs.choices[0].logprobs if with_logprobs is not None else None
-    return _Server(url=url, supports_n=with_n is not None and len(with_n.choices) == 2,
-                   supports_logprobs=logprobs is not None and bool(logprobs.token_logprobs),
-                   supports_echo_logprobs=echoed is not None and _echo_aligned(echoed.choices[0].logprobs))
+async def _probe_answer(client: openai.AsyncOpenAI, url: str, served: str, prompt: str,
+                        **extra) -> openai.types.Completion | None:
+    """A one-token greedy completion of ``prompt``, or None when the server refuses the request."""
+    try:
+        return await client.completions.create(model=served, prompt=prompt, max_tokens=1, temperature=0.0, **extra)
+    except openai.APIStatusError:
+        return None
+    except openai.APIConnectionError as exc:
+        raise RemoteUnavailableError(f"cannot reach the OpenAI-compatible server at {url} "
+                                     f"({exc.__cause__ or exc}); is it running?") from None
+
+
+async def _probe_logprobs(client: openai.AsyncOpenAI, url: str, served: str) -> bool:
+    """Does the server return the logprobs of generated tokens?"""
+    answer = await _probe_answer(client, url, served, "1+1=", logprobs=1)
+    logprobs = answer.choices[0].logprobs if answer is not None else None
+    return logprobs is not None and bool(logprobs.token_logprobs)
+
+
+async def _probe_echo_logprobs(client: openai.AsyncOpenAI, url: str, served: str) -> bool:
+    """Does it return prompt logprobs with ``echo`` that belong to the right tokens (llama-cpp-python 0.3's are
+    shifted by one position)?"""
+    echoed = await _probe_answer(client, url, served, COUNTING, echo=True, logprobs=1)
+    return echoed is not None and _echo_aligned(echoed.choices[0].logprobs)
+
+
+_LAZY_PROBES = {"supports_logprobs": _probe_logprobs, "supports_echo_logprobs": _probe_echo_logprobs}
 
 
 def _echo_aligned(logprobs) -> bool:
