@@ -84,6 +84,29 @@ def test_bench_passes_strategy_options_and_model_flags(tmp_path, loads):
     assert loads[0]["model"] == "qwen2.5-0.5b"
 
 
+@pytest.mark.parametrize("extra, recorded", [
+    ([], True),  # the in-process engine computes logprobs anyway
+    (["--no-record-logprobs"], False),
+    (["--engine", "openai", "--base-url", "http://127.0.0.1:1/v1"], False),  # a server may pay dearly for them
+    (["--engine", "openai", "--base-url", "http://127.0.0.1:1/v1", "--record-logprobs"], True),
+])
+def test_logprobs_are_recorded_where_free_or_asked_for(tmp_path, loads, extra, recorded):
+    out = tmp_path / "r.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--limit", "2", "--n", "2", "--out", str(out), *extra) == 0
+    header, records = read_results(out)
+    assert header["config"]["params"]["logprobs"] is recorded
+    assert all((b["mean_logprob"] is not None) is recorded for r in records for b in r["branches"])
+
+
+def test_a_strategy_that_needs_logprobs_gets_them_on_a_remote_engine(tmp_path, loads):
+    out = tmp_path / "r.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--limit", "2", "--n", "2", "--option", "weighting=logprob",
+                  "--engine", "openai", "--base-url", "http://127.0.0.1:1/v1", "--out", str(out)) == 0
+    header, records = read_results(out)
+    assert header["config"]["params"]["logprobs"] is False  # not recorded for their own sake...
+    assert all(b["mean_logprob"] is not None for r in records for b in r["branches"])  # ...but the vote needs them
+
+
 @pytest.mark.parametrize("extra, error, message", [
     (["--option", "no_such_option=3"], PonderError, "does not take option .no_such_option."),
     (["--option", "novalue"], ValueError, "KEY=VALUE"),

@@ -13,6 +13,11 @@ from ..options import (add_model_arguments, add_sampling_arguments, engine_from_
                        strategy_options)
 from .datasets import DATA_ENV, SHORT_NAMES, load_dataset
 
+# Engines that compute every token's logprob anyway (the in-process one holds the logits it samples from): recording
+# them costs nothing there. A remote server may charge dearly for them: llama-cpp-python's sorts the whole vocabulary
+# in Python for every token, which made a 4-sample sc ten times slower.
+LOGPROBS_FREE_ON = ("llamacpp",)
+
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser(
@@ -32,6 +37,11 @@ def register(subparsers) -> None:
     bench.set_defaults(seed=0)
     bench.add_argument("--top-logprobs", type=int, default=0,
                        help="also record each branch's mean confidence over the top K logprobs (DeepConf); 0 = off")
+    bench.add_argument("--record-logprobs", action=argparse.BooleanOptionalAction, default=None,
+                       help="record each branch's mean token logprob even when the strategy does not need it (for "
+                            "weighted re-votes and replays of the results file). Default: on with the in-process "
+                            "engine, where it is free; off with --engine openai, where it can make a server many "
+                            "times slower. Strategies that need logprobs ask for them either way")
     add_model_arguments(bench)
     run = bench.add_argument_group("run")
     run.add_argument("--concurrency", type=positive_int, default=1,
@@ -64,8 +74,10 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         dataset = load_dataset(args.data)
         problems = dataset.select(offset=args.offset, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
-        # Every branch records its mean logprob (cheap) so results files can be re-analysed without rerunning.
-        params = replace(sampling_params(args), logprobs=True, top_logprobs=args.top_logprobs).validate()
+        # Where logprobs are free, every branch records its mean logprob so results files can be re-analysed (and
+        # replayed with logprob weightings) without rerunning.
+        record = args.record_logprobs if args.record_logprobs is not None else args.engine in LOGPROBS_FREE_ON
+        params = replace(sampling_params(args), logprobs=record, top_logprobs=args.top_logprobs).validate()
         # checked before the model loads, so a typo fails in a second
         config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option)))
         if args.replay is None:
