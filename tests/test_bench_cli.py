@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,16 @@ def test_report_command_writes_plot_and_markdown(tmp_path, loads, capsys):
     assert "greedy" in out and "sc n=3" in out and f"wrote {png}" in out
     assert png.stat().st_size > 0 and (tmp_path / "report" / "pareto.md").is_file()
     assert json.loads(greedy.read_text().splitlines()[0])["strategy"] == "greedy"
+
+
+def test_report_without_matplotlib_names_the_plot_extra(tmp_path, loads, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--strategy", "greedy", "--limit", "1", "--out", str(out)) == 0
+    monkeypatch.delitem(sys.modules, "ponder.bench.report", raising=False)
+    for name in [m for m in sys.modules if m.partition(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    with pytest.raises(PonderError, match=r'matplotlib, an optional extra: pip install "ponder\[plot\]"'):
+        ponder("report", str(out))
 
 
 def test_report_command_refuses_a_missing_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,10 @@ def test_gym_passes_extra_parameters_and_reports_bad_ones():
         load_dataset("gym:no_such_task?seed=1")
     with pytest.raises(PonderError, match="reasoning-gym cannot build"):
         load_dataset("gym:chain_sum?size=0")
+
+
+def test_gym_without_its_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if it were not installed
+    with pytest.raises(PonderError, match=r"'gym:chain_sum\?seed=1' needs reasoning-gym, an optional extra: "
+                                          r'pip install "ponder\[gym\]"'):
+        load_dataset("gym:chain_sum?seed=1")

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     data = bench.add_argument_group("data")
     data.add_argument("--data", required=True,
                       help=f"a JSONL file (id, question, answer), a short name ({', '.join(SHORT_NAMES)}; looked "
-                           f"for in ${DATA_ENV} and ../shared/data) or gym:NAME?seed=S&size=K (reasoning-gym)")
+                           f"for in ${DATA_ENV} and ../shared/data) or gym:NAME?seed=S&size=K (reasoning-gym: "
+                           'pip install "ponder[gym]")')
     data.add_argument("--limit", type=positive_int, help="run at most this many problems")
     data.add_argument("--offset", type=int, default=0, help="skip this many problems first (default 0)")
     data.add_argument("--shuffle", action="store_true", help="shuffle the problems with --seed before --offset")
@@ -56,7 +57,8 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="compare results files: table, Pareto plot and Markdown report",
         description="Print a table of the runs in the results files; with --plot, also write a PNG of accuracy vs "
-                    "generated tokens and vs wall time per problem, and a Markdown report beside it.")
+                    "generated tokens and vs wall time per problem, and a Markdown report beside it. Needs "
+                    'matplotlib: pip install "ponder[plot]".')
     report.add_argument("results", nargs="+", type=Path, help="results files written by ponder bench")
     report.add_argument("--plot", type=Path, help="the PNG to write; the Markdown report goes beside it (.md)")
     report.add_argument("--common-problems", action="store_true",
@@ -122,10 +124,16 @@ def _replay_engine(args: argparse.Namespace, dataset, problems, config):
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .report import write_report  # matplotlib loads in about half a second: only `ponder report` pays for it
-
     try:
+        # matplotlib loads in about half a second, and is an optional extra: only `ponder report` pays for it
+        from .report import write_report
+
         write_report(args.results, args.plot, _console(), common=args.common_problems)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "matplotlib":
+            raise
+        raise PonderError('ponder report draws with matplotlib, an optional extra: '
+                          'pip install "ponder[plot]"') from None
     except OSError as e:
         raise PonderError(f"{e.filename or args.plot}: {e.strerror}") from None
     return 0

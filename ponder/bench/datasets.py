@@ -1,4 +1,5 @@
-"""Benchmark problems: a JSONL file, a short name for a file of ``../shared/data``, or a reasoning-gym generator.
+"""Benchmark problems: a JSONL file, a short name for a file of ``../shared/data``, or a reasoning-gym generator
+(an optional extra, ``pip install "ponder[gym]"``: it pulls about twenty packages that no other dataset needs).
 
 Every dataset knows how to score a prediction (``Dataset.score``) and says how in words (``Dataset.scoring``), so the
 rule is written into each results file. ``Dataset.sha256`` fingerprints the problems themselves (id, question,
@@ -150,8 +151,13 @@ def _load_jsonl(path: Path, *, name: str) -> Dataset:
 
 
 def _load_gym(spec: str) -> Dataset:
-    import reasoning_gym
-    from reasoning_gym.factory import DATASETS
+    try:
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+    except ModuleNotFoundError as e:
+        if e.name != "reasoning_gym":  # installed, but something it imports is missing: that error says what
+            raise
+        raise PonderError(f"{spec!r} needs reasoning-gym, an optional extra: pip install \"ponder[gym]\"") from None
 
     parts = urlsplit(spec[len(GYM_PREFIX):])
     gym_name = parts.path

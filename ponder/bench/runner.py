@@ -7,10 +7,11 @@ the next run cuts off before appending. Rerunning the same command skips the pro
 with a different configuration is refused rather than mixed in.
 
 Problem records hold: ``id``, ``gold``, ``prediction``, ``correct``, ``level``/``subject`` when the data has them,
-``votes`` (the strategy's own vote), ``answer_classes`` (the answers of the branches that ended on their own, grouped by
-equivalence, each with its ``size`` and ``correct``), ``branches`` (text, answer, ``answer_class``, ``correct``, generated
-tokens, finish reason, mean logprob / confidence -- null unless the config's ``params`` asked for logprobs or the
-strategy did), ``usage``, ``wall_s`` and the ``started``/``finished`` times and ``session`` of the run that solved it. A problem that cannot run (its prompt does not fit the context) is recorded as wrong, with ``error``.
+``votes`` (the strategy's own vote), ``answer_classes`` (the answers of the branches that ended on their own, grouped
+by equivalence, each with its ``size`` and ``correct``), ``branches`` (text, answer, ``answer_class``, ``correct``,
+generated tokens, finish reason, mean logprob / confidence -- null unless the config's ``params`` or the strategy
+asked for logprobs), ``usage``, ``wall_s`` and the ``started``/``finished`` times and ``session`` of the run that
+solved it. A problem that cannot run (its prompt does not fit the context) is recorded as wrong, with ``error``.
 """
 
 from __future__ import annotations
