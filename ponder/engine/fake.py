@@ -1,12 +1,30 @@
 """A deterministic engine for tests of strategy logic: no model, scripted answers, the real Branch semantics.
 
-Every branch created by ``fork`` takes the next script in turn (cyclically), and ``extend`` plays it back one word per
-"token", one token per step, yielding to the event loop between steps so that concurrent branches interleave the way
-they do in a batched engine. ``release`` ends an extend in flight with ``finish_reason == "cancelled"``.
+A fake model is a list of scripts: texts it would write, cut into "tokens" of one word each (with the whitespace that
+follows it). ``FakeEngine(scripts)`` has one model (named ``name``); ``models={"large": [...]}`` adds more, each with
+its own scripts, its own cursor over them and optionally its own ``score_fn`` (pass a ``FakeModel``). ``open(...,
+model=NAME)`` opens a branch on a model (None: the default one; an unknown name is a ``PonderError``), and usage is
+counted per model.
 
-``score`` returns -0.1 per word of the continuation, or, when the engine has a ``score_fn``, ``score_fn(context,
-continuation)`` where ``context`` is the branch's prompt text followed by its generated text (so a test can script a
-verifier's verdict per candidate).
+Which script a branch plays, and from where:
+
+* every branch created by ``fork`` takes its model's next script in turn (cyclically); a root takes one the first time
+  it is extended itself. So forks of one prompt are the model's different samples, as in self-consistency.
+* a script plays from the branch's length: a branch holding ``k`` tokens after its prompt writes the script's token
+  ``k`` next. ``append``-ed text counts like the model's own tokens, so it takes the place of as many script tokens
+  as it has words: the script continues after it. Two models' scripts are thus aligned conversations -- what each
+  model would write at each position -- and a test of a step-wise strategy reads like the exchange it scripts. A
+  fork continues at its parent's length (in its own script).
+
+``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave
+the way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without
+a stop string). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
+scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0) and
+``entropies`` (default 0.0 nats).
+
+``score`` returns -0.1 per word of the continuation, or, when the branch's model has a ``score_fn``,
+``score_fn(context, continuation)`` where ``context`` is the branch's prompt text followed by its text (so a test can
+script a verifier's verdict per candidate, or a judge's per step).
 """
 
 from __future__ import annotations
@@ -14,10 +32,17 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
                    StopIf, Usage)
+
+ScoreFn = Callable[[str, str], float]
+
+
+def fake_tokens(text: str) -> list[str]:
+    """The fake tokenizer: one token per word, with the whitespace that follows it."""
+    return re.findall(r"\S+\s*|\s+", text)
 
 
 @dataclass
@@ -25,45 +50,70 @@ class Script:
     text: str
     logprobs: list[float] = field(default_factory=list)  # per token; defaults to -0.1 each
     confidences: list[float] = field(default_factory=list)  # per token; defaults to 1.0 each
+    entropies: list[float] = field(default_factory=list)  # per token (nats); defaults to 0.0 each
 
     def tokens(self) -> list[str]:
-        return re.findall(r"\S+\s*|\s+", self.text)
+        return fake_tokens(self.text)
+
+
+@dataclass
+class FakeModel:
+    """One model of the fake engine: its scripts, handed out in turn, and how it scores continuations."""
+
+    scripts: list[Script]
+    score_fn: ScoreFn | None = None
+    next_script: int = 0  # the cursor: index of the script the next new branch takes
+
+    def __post_init__(self):
+        self.scripts = [s if isinstance(s, Script) else Script(s) for s in self.scripts]
+
+
+ModelSpec = Sequence[str | Script] | FakeModel  # another model: its scripts, or a FakeModel to give it a score_fn
 
 
 @dataclass(eq=False)
 class FakeBranch(Branch):
     script: Script | None = None
-    position: int = 0  # next token of the script to play
     prompt: str = ""
+
+
+def _scripted(records: list[float], i: int, default: float) -> float:
+    return records[i] if i < len(records) else default
 
 
 class FakeEngine(Engine):
     def __init__(self, scripts: Sequence[str | Script], *, kv_cells: int = 100_000, name: str = "fake",
-                 score_fn: Callable[[str, str], float] | None = None):
-        self.scripts = [s if isinstance(s, Script) else Script(s) for s in scripts]
-        self.score_fn = score_fn
+                 score_fn: ScoreFn | None = None, models: Mapping[str, ModelSpec] | None = None):
         self.model = ModelInfo(name=name, path="", sha256="0" * 64)
+        self.models = {name: FakeModel(list(scripts), score_fn)}
+        for other, spec in (models or {}).items():
+            self.models[other] = spec if isinstance(spec, FakeModel) else FakeModel(list(spec))
         self.kv_cells = kv_cells
         self._counters = EngineStats(kv_cells_total=kv_cells)
-        self._next_script = 0
         self._live: set[FakeBranch] = set()
+
+    @property
+    def scripts(self) -> list[Script]:
+        """The default model's scripts."""
+        return self.models[self.model.name].scripts
 
     def _prompt_text(self, prompt: str | Sequence[Message]) -> str:
         return prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
 
     async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
                    model: str | None = None) -> Branch:
-        if model is not None and model != self.model.name:
-            raise PonderError(f"the fake engine serves only {self.model.name!r}, not {model!r}")
+        model = self.model.name if model is None else model
+        if model not in self.models:
+            raise PonderError(f"the fake engine has no model {model!r} (it has: {', '.join(self.models)})")
         text = self._prompt_text(prompt)
         n = self._prompt_tokens(text)
         if n > self.kv_cells:
             raise PromptTooLongError(f"prompt has {n} tokens; the context holds {self.kv_cells}")
         usage = usage if usage is not None else Usage()
-        usage.add("prompt_tokens", n, self.model.name)
+        usage.add("prompt_tokens", n, model)
         self._counters.prefills += 1
         self._counters.prefill_tokens += n
-        branch = FakeBranch(engine=self, usage=usage, context_tokens=n, prompt=text, model=self.model.name)
+        branch = FakeBranch(engine=self, usage=usage, context_tokens=n, prompt=text, model=model)
         self._live.add(branch)
         return branch
 
@@ -72,9 +122,12 @@ class FakeEngine(Engine):
         return len(text.split())
 
     def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
-        """The scripts of ``n`` new forks of ``branch``: the next ones in turn."""
-        scripts = [self.scripts[(self._next_script + i) % len(self.scripts)] for i in range(n)]
-        self._next_script += n
+        """The scripts of ``n`` new branches of ``branch``'s model: the next ones in turn."""
+        model = self.models[branch.model]
+        if not model.scripts:
+            raise PonderError(f"the fake model {branch.model!r} has no scripts to generate from")
+        scripts = [model.scripts[(model.next_script + i) % len(model.scripts)] for i in range(n)]
+        model.next_script += n
         return scripts
 
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
@@ -82,7 +135,7 @@ class FakeEngine(Engine):
         children = []
         for script in self._scripts_for(branch, n):
             child = FakeBranch(engine=self, usage=branch.usage, context_tokens=branch.context_tokens, script=script,
-                               prompt=branch.prompt, model=branch.model)
+                               prompt=branch.prompt, **branch.history())
             branch.usage.add("prompt_tokens_shared", branch.context_tokens, branch.model)
             self._live.add(child)
             children.append(child)
@@ -91,29 +144,28 @@ class FakeEngine(Engine):
     async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
         assert isinstance(branch, FakeBranch)
         if branch.script is None:
-            raise PonderError("the fake engine only extends forked branches")
-        tokens = branch.script.tokens()
+            (branch.script,) = self._scripts_for(branch, 1)
+        script, tokens = branch.script, branch.script.tokens()
         start_text = len(branch.text)
-        branch.finish_reason = None
+        branch.finish_reason = branch.matched_stop = None
         for step in range(params.max_tokens):
             if branch.released:
                 branch.finish_reason = "cancelled"
                 return branch
-            if branch.position >= len(tokens):
+            i = len(branch.tokens)  # the script plays from the branch's length (appended tokens included)
+            if i >= len(tokens):
                 branch.finish_reason = "stop"
                 return branch
-            i = branch.position
-            branch.position += 1
             branch.tokens.append(i)
             branch.text += tokens[i]
             branch.context_tokens += 1
             branch.usage.add("generated_tokens", 1, branch.model)
             self._counters.generated_tokens += 1
             if params.wants_logprobs:
-                branch.token_logprobs.append(branch.script.logprobs[i] if i < len(branch.script.logprobs) else -0.1)
+                branch.token_logprobs.append(_scripted(script.logprobs, i, -0.1))
             if params.top_logprobs:
-                conf = branch.script.confidences
-                branch.confidences.append(conf[i] if i < len(conf) else 1.0)
+                branch.confidences.append(_scripted(script.confidences, i, 1.0))
+                branch.entropies.append(_scripted(script.entropies, i, 0.0))
             hit = next((s for s in params.stop if s in branch.text[start_text:]), None)
             if hit is not None:
                 branch.finish_reason, branch.matched_stop = "stop", hit
@@ -129,13 +181,14 @@ class FakeEngine(Engine):
         assert isinstance(branch, FakeBranch)
         n = len(continuation.split())
         branch.usage.add("scored_tokens", n, branch.model)
-        if self.score_fn is not None:
-            return self.score_fn(branch.prompt + branch.text, continuation)
+        score_fn = self.models[branch.model].score_fn
+        if score_fn is not None:
+            return score_fn(branch.prompt + branch.text, continuation)
         return -0.1 * n
 
     async def append(self, branch: Branch, text: str) -> Branch:
         assert isinstance(branch, FakeBranch)
-        n = self._prompt_tokens(text)
+        n = len(fake_tokens(text))
         branch.text += text
         branch.tokens.extend([-1] * n)
         branch.appended_tokens += n
