@@ -16,6 +16,7 @@ class BranchSummary:
     finish_reason: str | None
     mean_logprob: float | None = None
     mean_confidence: float | None = None
+    details: dict | None = None  # what a strategy reports about this branch (the program it wrote and ran, ...)
 
     @classmethod
     def of(cls, branch: Branch) -> BranchSummary:
@@ -27,6 +28,13 @@ class BranchSummary:
             mean_logprob=branch.mean_logprob,
             mean_confidence=branch.mean_confidence,
         )
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values; ``details`` only when a strategy set it."""
+        fields = asdict(self)
+        if self.details is None:
+            del fields["details"]
+        return fields
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Result:
         return {
             "answer": self.answer,
             "votes": {a: (int(w) if float(w).is_integer() else round(w, 6)) for a, w in self.votes.items()},
-            "branches": [asdict(b) for b in self.branches],
+            "branches": [b.to_dict() for b in self.branches],
             "usage": self.usage.to_dict(),
             "model": {"name": self.model.name, "sha256": self.model.sha256},
             "strategy": self.strategy,

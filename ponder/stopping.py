@@ -24,6 +24,7 @@ from .result import BranchSummary
 
 Rule = Callable[[Sequence[Branch]], bool]
 Weigh = Callable[[Branch], float]
+Answer = Callable[[Branch], str | None]  # how a join rule reads a branch's answer
 
 
 class TokenBudget:
@@ -107,11 +108,15 @@ def first_of(*rules: StopIf | None) -> StopIf | None:
     return lambda branch: any(rule(branch) for rule in active)
 
 
-def ballot(branches: Sequence[Branch], weigh: Weigh | None = None):
-    """The vote of ``branches`` on their answers (read as the result reports them), each weighted by ``weigh``
-    (1 by default)."""
-    answers = [BranchSummary.of(b).answer for b in branches]
-    return vote(answers, None if weigh is None else [weigh(b) for b in branches])
+def stated_answer(branch: Branch) -> str | None:
+    """The answer a branch's text states, read as the result reports it."""
+    return BranchSummary.of(branch).answer
+
+
+def ballot(branches: Sequence[Branch], weigh: Weigh | None = None, answer: Answer = stated_answer):
+    """The vote of ``branches`` on their answers (``answer(branch)``; default: stated in the text), each weighted by
+    ``weigh`` (1 by default)."""
+    return vote([answer(b) for b in branches], None if weigh is None else [weigh(b) for b in branches])
 
 
 class FirstM:
@@ -134,18 +139,22 @@ class LeaderStable:
       computed exactly. With one answer seen, v2 = 0: four agreeing votes give 0.969, three give 0.938.
     * ``dirichlet``: every answer seen plus one bucket for answers not seen yet, frequencies ~ Dirichlet(counts + 1);
       P(the leader has the largest frequency) by Monte Carlo with a fixed seed (so the rule is deterministic).
+
+    ``answer`` reads each branch's vote (default: the answer its text states; a program-aided strategy passes the
+    value the branch's program printed).
     """
 
     METHODS = ("beta", "dirichlet")
     DIRICHLET_SAMPLES = 20_000
 
-    def __init__(self, threshold: float = 0.95, method: str = "beta"):
+    def __init__(self, threshold: float = 0.95, method: str = "beta", answer: Answer = stated_answer):
         if not 0.5 < threshold < 1.0:
             raise PonderError(f"threshold must be between 0.5 and 1 (exclusive), got {threshold}")
         if method not in self.METHODS:
             raise PonderError(f"unknown stopping rule {method!r}; choose one of: {', '.join(self.METHODS)}")
         self.threshold = threshold
         self.method = method
+        self.answer = answer
 
     def probability(self, counts: Sequence[float]) -> float:
         """P(the answer with the largest count is the most frequent one); ``counts`` in any order, at least one."""
@@ -156,7 +165,7 @@ class LeaderStable:
         return float(np.mean(draws.argmax(axis=1) == 0))
 
     def __call__(self, finished: Sequence[Branch]) -> bool:
-        counts = list(ballot(finished).groups.values())
+        counts = list(ballot(finished, answer=self.answer).groups.values())
         return bool(counts) and self.probability(counts) >= self.threshold
 
 

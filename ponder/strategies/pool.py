@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
@@ -38,17 +38,24 @@ def run_config(*, n: int, params: SamplingParams, seed: int | None, budget: int 
 class Pool:
     """``messages`` replaces the standard math prompt of ``question`` (e.g. a program-writing prompt); ``model`` opens
     it on another model of the engine (default: the engine's own); pools that pass the same ``usage`` share one
-    account (and one budget count) -- a strategy that mixes prompts or models reports one usage."""
+    account -- a strategy that mixes prompts or models reports one usage. ``budget`` is a token count, or another
+    pool's ``TokenBudget`` for pools that run at the same time: then they also share its usage and its reservations,
+    so that together they never overshoot it."""
 
-    def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | None,
+    def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | TokenBudget | None,
                  messages: Sequence[Message] | None = None, model: str | None = None, usage: Usage | None = None):
         self.engine = engine
         self.question = question
         self.messages = list(messages) if messages is not None else math_messages(question)
         self.model = model
         self.seed = seed
-        self.usage = usage if usage is not None else Usage()
-        self.budget = TokenBudget(budget, self.usage)
+        if isinstance(budget, TokenBudget):
+            if usage is not None and usage is not budget.usage:
+                raise ValueError("a shared TokenBudget counts on its own usage; pass that usage or none")
+            self.usage, self.budget = budget.usage, budget
+        else:
+            self.usage = usage if usage is not None else Usage()
+            self.budget = TokenBudget(budget, self.usage)
         self.branches: list[Branch] = []  # every branch forked, in creation order
         self.finished: list[Branch] = []  # the ones that ended on their own, in finishing order
         self.root: Branch | None = None
@@ -63,7 +70,8 @@ class Pool:
             branch.release()
 
     async def sample(self, params: SamplingParams, *, first: int, then: int = 0, limit: int | None = None,
-                     stop_if: StopIf | None = None, until: Rule | None = None, keep: bool = False) -> list[Branch]:
+                     stop_if: StopIf | None = None, until: Rule | None = None, keep: bool = False,
+                     after_decode: Callable[[Branch], Awaitable[None]] | None = None) -> list[Branch]:
         """Fork ``first`` branches from the prompt and extend them all concurrently.
 
         Each time every running branch has finished, ``then`` more start, up to ``limit`` in this call (default
@@ -71,18 +79,26 @@ class Pool:
         ``until(all finished branches of the run)`` is asked; once it is settled, the running branches are cancelled
         (their tokens stay counted) and no more start. Branches that ended on their own are returned in finishing
         order; their KV cells are freed at once unless ``keep`` (then they live until the pool closes).
+
+        ``after_decode(branch)`` is work a branch needs before it can vote (running the program it wrote): it starts
+        as soon as the branch has ended on its own, while the other branches decode, and the branch counts as
+        finished -- for ``until``, for the next wave, in the returned list -- only once it is done. Work still under
+        way when the outcome is settled is cancelled.
         """
         if first < 1:
             raise PonderError(f"a strategy needs at least one branch, got {first}")
         limit = first if limit is None else limit
         order: dict[asyncio.Task, int] = {}  # task -> branch index, to handle finishes of one step in a fixed order
-        running: dict[asyncio.Task, Branch] = {}
+        running: dict[asyncio.Task, Branch] = {}  # decoding
+        working: dict[asyncio.Task, Branch] = {}  # decoded, in after_decode
         finished: list[Branch] = []
+        started = 0
         halt = first_of(stop_if, self.budget if self.budget.limit is not None else None)
 
         async def start(k: int) -> None:
+            nonlocal started
             room = self.budget.room()
-            k = min(k, limit - len(order), k if room is None else room)
+            k = min(k, limit - started, k if room is None else room)
             if k < 1:
                 return
             for branch in await self.root.fork(k):
@@ -93,28 +109,43 @@ class Pool:
                 order[task] = len(self.branches)
                 running[task] = branch
                 self.branches.append(branch)
+                started += 1
+
+        def finish(branch: Branch) -> None:
+            finished.append(branch)
+            self.finished.append(branch)
 
         try:
             await start(first)
-            while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            while running or working:
+                done, _ = await asyncio.wait([*running, *working], return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=order.__getitem__):
+                    if task in working:
+                        task.result()  # an error in after_decode propagates like an engine error
+                        finish(working.pop(task))
+                        continue
                     branch = running.pop(task)
                     self.budget.release(branch)
                     task.result()  # an engine error propagates (the finally below cancels the rest)
-                    if branch.finish_reason in ENDED_ON_THEIR_OWN:
-                        finished.append(branch)
-                        self.finished.append(branch)
-                    if not (keep and branch.finish_reason in ENDED_ON_THEIR_OWN):
+                    ended = branch.finish_reason in ENDED_ON_THEIR_OWN
+                    if not (keep and ended):
                         branch.release()
+                    if ended and after_decode is not None:
+                        work = asyncio.create_task(after_decode(branch))
+                        order[work] = order[task]
+                        working[work] = branch
+                    elif ended:
+                        finish(branch)
                 if until is not None and until(self.finished):
                     break
-                if not running and then:
+                if not running and not working and then:
                     await start(then)
         finally:
             for branch in running.values():
                 branch.release()  # a cancelled extend ends at the engine's next step
-            await asyncio.gather(*running, return_exceptions=True)
+            for work in working:
+                work.cancel()
+            await asyncio.gather(*running, *working, return_exceptions=True)
             for branch in running.values():
                 self.budget.release(branch)
         return finished
@@ -123,10 +154,12 @@ class Pool:
         return replace(params, seed=None if self.seed is None else self.seed + len(self.branches))
 
     def result(self, strategy: str, config: dict, voters: Sequence[Branch] | None = None,
-               weights: Sequence[float] | None = None) -> Result:
+               weights: Sequence[float] | None = None,
+               summarize: Callable[[Branch], BranchSummary] = BranchSummary.of) -> Result:
         """Vote on the answers of ``voters`` (default: every branch that ended on its own), weighted by ``weights``,
-        and report every branch of the run with the full usage."""
-        summaries = {b: BranchSummary.of(b) for b in self.branches}
+        and report every branch of the run with the full usage. ``summarize`` reads a branch for the report and the
+        vote (default: the answer its text states)."""
+        summaries = {b: summarize(b) for b in self.branches}
         voters = self.finished if voters is None else voters
         ballot = vote([summaries[b].answer for b in voters], None if weights is None else list(weights))
         self.usage.wall_s = time.perf_counter() - self._start
