@@ -377,6 +377,24 @@ def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
     assert server.supports_echo_logprobs is False
 
 
+def test_a_branch_released_while_its_logprobs_are_probed_ends_cancelled(scripted):
+    backend, served = scripted(honours_logprobs=True)
+    engine = OpenAIEngine([served.url])
+
+    async def run():
+        root = await engine.open("Q: 2+2? A:")
+        backend.delay = 0.3
+        extending = asyncio.ensure_future(root.extend(SamplingParams(max_tokens=10, logprobs=True)))
+        while not any(body.get("logprobs") for body in backend.bodies):
+            await asyncio.sleep(0.01)
+        root.release()  # the probe is still waiting for its answer
+        return await extending
+
+    branch = asyncio.run(run())
+    assert branch.finish_reason == "cancelled" and branch.text == ""
+    assert not any(body.get("stream") for body in backend.bodies) and engine.stats().live_branches == 0
+
+
 def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(scripted):
     backend, served = scripted(honours_n=True, honours_logprobs=True)
     engine = OpenAIEngine([served.url])
