@@ -35,7 +35,7 @@ costs what one prompt evaluation costs. Logprobs and prompt logprobs with ``echo
 ``extend`` asks for logprobs or a ``score`` is called, and then never again. Those two probes are the expensive ones:
 llama-cpp-python's server sorts the whole vocabulary in Python for every token whose logprobs it returns (the
 echo probe asks it for every prompt token), and probing everything at start-up cost a one-question ``ponder ask``
-about 20 s in a trial, most of its wall time; most runs (``sc``, ``adaptive``, ``short_mk`` with majority votes) never
+about 20 s in a trial, most of its wall time; most runs (``sc``, ``adaptive``, ``short-m@k`` with majority votes) never
 need them. Remembering answers on disk per URL was
 the alternative; it was not chosen because a server restarted with another version behind the same URL would be
 described wrongly until the entry expired, and lazy probes leave nothing to go stale.
