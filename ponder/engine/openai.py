@@ -21,8 +21,8 @@ One engine serves one remote model (the one named, or the only one the server li
 ``model``.
 
 Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated or appended token,
-so counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the entropy is
-over those k alternatives only, a lower bound of the model's).
+so counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the
+entropy is over those k alternatives only, a lower bound of the model's).
 
 Several base URLs: each request goes to the least-loaded server that is up (ties to the one that served the branch
 before, whose prefix cache holds it). Connection errors, 429 and 5xx are retried, on another server at once if there
@@ -33,12 +33,12 @@ What a server honours is asked of it by small probe requests (``max_tokens=1``; 
 request's usage). Only ``n`` is probed when the engine starts: dispatch needs it for the first request, and the probe
 costs what one prompt evaluation costs. Logprobs and prompt logprobs with ``echo`` are probed the first time an
 ``extend`` asks for logprobs or a ``score`` is called, and then never again. Those two probes are the expensive ones:
-llama-cpp-python's server sorts the whole vocabulary in Python for every token whose logprobs it returns (the
-echo probe asks it for every prompt token), and probing everything at start-up cost a one-question ``ponder ask``
-about 20 s in a trial, most of its wall time; most runs (``sc``, ``adaptive``, ``short-m@k`` with majority votes) never
-need them. Remembering answers on disk per URL was
-the alternative; it was not chosen because a server restarted with another version behind the same URL would be
-described wrongly until the entry expired, and lazy probes leave nothing to go stale.
+llama-cpp-python's server sorts the whole vocabulary in Python for every token whose logprobs it returns (the echo
+probe asks it for every prompt token), and probing everything at start-up cost a one-question ``ponder ask`` about
+20 s in a trial, most of its wall time; most runs (``sc``, ``adaptive``, ``short-m@k`` with majority votes) never need
+them. Remembering the answers on disk per URL was the alternative; it was not chosen because a server restarted with
+another version behind the same URL would be described wrongly until the entry expired, and lazy probes leave
+nothing to go stale.
 """
 
 from __future__ import annotations
