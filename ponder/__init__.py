@@ -17,17 +17,20 @@ __version__ = "0.1.0"
 _engines: dict[tuple, Engine] = {}
 
 
-def get_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: list[str] | None = None) -> Engine:
-    """The engine for ``model``, loaded once per process and reused by later calls."""
-    key = (model, engine, tuple(base_url or ()))
+def get_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: list[str] | None = None,
+               draft: str | None = None) -> Engine:
+    """The engine for ``model`` (with ``draft`` drafting for it, if given), loaded once per process and reused by
+    later calls. Other models a strategy asks for (a judge, the large model of a cascade) load into the same engine."""
+    key = (model, engine, tuple(base_url or ()), draft)
     if key not in _engines:
-        _engines[key] = load_engine(model, engine=engine, base_url=base_url)
+        _engines[key] = load_engine(model, engine=engine, base_url=base_url, draft=draft)
     return _engines[key]
 
 
 async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, *,
                     temperature: float = 0.7, top_p: float = 0.95, top_k: int = 40, max_tokens: int = 1024,
-                    seed: int | None = None, engine: Engine | None = None, **options) -> Result:
+                    seed: int | None = None, engine: Engine | None = None, draft: str | None = None,
+                    **options) -> Result:
     """``ask`` for code that already runs an event loop (a server, a notebook)."""
     from .strategies import get_strategy
 
@@ -37,14 +40,15 @@ async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str 
         raise PonderError(f"n must be at least 1, got {n}")
     run = get_strategy(strategy)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens).validate()
-    return await run(engine or get_engine(model), question, n=n, params=params, seed=seed, **options)
+    return await run(engine or get_engine(model, draft=draft), question, n=n, params=params, seed=seed, **options)
 
 
 def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, **kwargs) -> Result:
     """Answer ``question`` with ``strategy`` over ``n`` branches of ``model`` (the bundled 0.5B by default).
 
-    Keyword arguments: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``seed``, ``engine`` (an Engine to use
-    instead of loading ``model``), and any option of the strategy.
+    Keyword arguments: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``seed``, ``draft`` (a smaller model
+    that drafts for ``model``: speculative decoding), ``engine`` (an Engine to use instead of loading ``model``), and
+    any option of the strategy.
     """
     return asyncio.run(ask_async(question, strategy, n, model, **kwargs))
 

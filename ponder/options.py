@@ -31,6 +31,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None,
                        help=f"bundled model ({', '.join(CATALOG)}; default {DEFAULT_MODEL}) or the path of a GGUF "
                             "file; with --engine openai, the served model's name")
+    group.add_argument("--draft", metavar="MODEL", default=None,
+                       help="speculative decoding: a smaller model with the same vocabulary drafts tokens that --model "
+                            "verifies in one batch (e.g. --model qwen2.5-1.5b --draft qwen2.5-0.5b); the output has "
+                            "exactly the distribution of --model alone. In-process engine only")
     group.add_argument("--engine", choices=ENGINES, default="llamacpp",
                        help="llamacpp: in-process, batched (default); openai: a remote OpenAI-compatible server")
     group.add_argument("--base-url", action="append", metavar="URL",
@@ -44,11 +48,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
     """The engine the model arguments ask for."""
-    if args.chat_template is None:
-        return load_engine(args.model, engine=args.engine, base_url=args.base_url)
-    if args.engine != "openai":
-        raise PonderError("--chat-template is for --engine openai; the in-process engine uses the GGUF's own template")
-    return load_engine(args.model, engine=args.engine, base_url=args.base_url, chat_template=args.chat_template)
+    options = {"draft": args.draft} if args.draft else {}
+    if args.chat_template is not None:
+        if args.engine != "openai":
+            raise PonderError("--chat-template is for --engine openai; the in-process engine uses the GGUF's own "
+                              "template")
+        options["chat_template"] = args.chat_template
+    return load_engine(args.model, engine=args.engine, base_url=args.base_url, **options)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, max_tokens_default: int) -> None:

@@ -8,13 +8,19 @@ ENGINES = ("llamacpp", "openai")
 
 
 def load_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: list[str] | None = None,
-                **options) -> Engine:
-    """The engine for ``model``: a bundled model name or GGUF path (llamacpp), or a served model name (openai)."""
+                draft: str | None = None, **options) -> Engine:
+    """The engine for ``model``: a bundled model name or GGUF path (llamacpp), or a served model name (openai).
+
+    ``draft`` (llamacpp only) names a smaller model with the same vocabulary that drafts tokens for ``model``:
+    speculative decoding, with exactly the output distribution of ``model`` alone."""
     if engine == "llamacpp":
         from ..models import DEFAULT_MODEL, resolve_model
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(resolve_model(model or DEFAULT_MODEL), **options)
+        return LlamaCppEngine(resolve_model(model or DEFAULT_MODEL), draft=draft and resolve_model(draft), **options)
+    if draft is not None:
+        raise PonderError("--draft is for the in-process engine; a remote server does its own speculative decoding "
+                          "(e.g. vLLM's --speculative-config)")
     if engine == "openai":
         from .openai import OpenAIEngine
 

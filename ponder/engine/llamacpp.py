@@ -2,18 +2,30 @@
 
 How it works, in the manner of llama.cpp's ``batched`` and ``parallel`` examples:
 
-* One context with many sequences (``n_seq_max``) over one unified KV cache. A branch is a sequence id.
+* Each model has one context with many sequences (``n_seq_max``) over one unified KV cache (a ``_ModelRunner``). A
+  branch is a sequence id of its model's context.
 * A prompt is evaluated once (``open``). ``fork`` copies the sequence id onto new ids with ``llama_memory_seq_cp``,
   which *shares* the KV cells (no copy, no recompute). ``release`` drops the id with ``llama_memory_seq_rm``.
+  ``append`` evaluates text into a branch as if it had been generated (how text moves from one model to another).
 * Each branch keeps one *pending* token: the last token it received, not yet in its KV cells. A step puts the pending
   token of every branch that is extending, plus chunks of prompts waiting to be evaluated, into a single
   ``llama_decode`` call; the logits that come back give every branch its next pending token.
-* One asyncio task (``_run``) owns the context and plans the steps; the decode and the sampling run on one worker
-  thread so the event loop stays free (the server keeps answering while the model computes). Callers are coroutines
-  that wait on futures; all KV operations are queued and applied by the worker right before the next decode.
-* Admission: a job starts only when the KV cache has room for everything it may still write (an extend reserves its
-  ``max_tokens``), so a running branch never fails for lack of cells; when the cache is full new jobs wait in FIFO
-  order. A job that could never fit is refused at once with a clear error.
+* **One compute worker for every model.** One asyncio task (``_run``) plans the steps of every model in turn; the
+  decodes and the sampling run on one worker thread, so two models never decode at the same time (two llama.cpp
+  thread pools on the same cores slow both down manyfold) and the event loop stays free (the server keeps answering
+  while the model computes). Callers are coroutines that wait on futures; all KV operations are queued and applied by
+  the worker right before the next decode of their model. Models are loaded on first use, on the worker.
+* Admission: a job starts only when its model's KV cache has room for everything it may still write (an extend
+  reserves its ``max_tokens``), so a running branch never fails for lack of cells; when the cache is full new jobs
+  wait in FIFO order. A job that could never fit is refused at once with a clear error.
+* **Speculative decoding** (``draft=``): every branch of the target model has a *shadow* sequence in the draft
+  model's context holding the same tokens. A speculative step lets the draft propose ``k`` tokens for every
+  extending branch (k draft decodes, all branches batched), then the target verifies all proposals of all branches
+  in one decode, and modified rejection sampling (``sampling.speculative_choice``) keeps exactly the target's
+  distribution: greedy output is the target's own token for token. Rejected tokens are removed from both caches
+  (``llama_memory_seq_rm`` from a position on). ``k`` adapts per branch to its acceptance (up 2 when every proposal
+  was kept, down 1 otherwise, as in Hugging Face's assisted generation). The draft's KV is sized with a margin and
+  not admitted separately: a shadow never holds more than its target branch plus the proposals of one step.
 """
 
 from __future__ import annotations
@@ -33,7 +45,9 @@ import numpy as np
 
 from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
                    SamplingParams, StopIf, Usage)
-from .sampling import Sample, sample, token_logprob
+from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
+
+DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first, and the cap of the adaptation
 
 
 @llama.llama_log_callback
@@ -53,6 +67,7 @@ class _Segment:
 
 @dataclass(eq=False)
 class LlamaBranch(Branch):
+    runner: _ModelRunner | None = None
     seq_id: int = -1
     pending: int = -1  # last token received, not yet in the KV cells
     n_past: int = 0  # tokens in the KV cells (positions 0..n_past-1)
@@ -61,6 +76,11 @@ class LlamaBranch(Branch):
     rng: np.random.Generator | None = None
     utf8_state: tuple[bytes, int] = (b"", 0)  # incremental UTF-8 decoder state (a character split across tokens)
     job: _Extend | None = None
+    # speculative decoding: the draft model's copy of this branch, the tokens it has not evaluated yet, and k
+    shadow: LlamaBranch | None = None
+    draft_behind: list[int] = field(default_factory=list)
+    draft_k: int = DRAFT_K_START
+    is_shadow: bool = False
 
 
 @dataclass(eq=False)
@@ -76,7 +96,8 @@ class _Extend:
 
 @dataclass(eq=False)
 class _Feed:
-    """Tokens to write into one sequence: the prompt of ``open`` or the continuation of ``score``."""
+    """Tokens to write into one sequence: a prompt (``open``), appended text (``append``) or a ``score``
+    continuation."""
 
     branch: LlamaBranch
     tokens: list[int]
@@ -93,22 +114,26 @@ class _StepPlan:
     kv_ops: list[tuple]
     decodes: list[_Extend]
     feeds: list[tuple[_Feed, int, int]]  # (feed, start, stop) slices of feed.tokens
+    drafts: list[int] = field(default_factory=list)  # speculative: proposals per decode (same order); empty = plain
+    draft_kv_ops: list[tuple] = field(default_factory=list)
 
 
 @dataclass
 class _StepOut:
-    samples: list[Sample]
+    samples: list[list[Sample]]  # per decode: the new tokens in order (one, or up to k + 1 when speculative)
     feed_logprobs: list[float]  # one sum per feed slice that wants logprobs
 
 
-class LlamaCppEngine(Engine):
-    def __init__(self, model: ModelInfo, *, n_ctx: int = 32768, n_seq_max: int = 64, n_batch: int = 512,
-                 n_threads: int | None = None, seed: int | None = None, stall_timeout_s: float = 60.0):
+class _ModelRunner:
+    """One model: its llama.cpp context, sequence ids, queues and KV accounting, and the Branch operations on it.
+
+    A runner never decodes on its own: the engine's scheduler asks it to ``plan`` a step, runs ``step`` on the one
+    worker thread, and hands the result to ``apply`` back on the event loop."""
+
+    def __init__(self, engine: LlamaCppEngine, model: ModelInfo, *, n_ctx: int, n_seq_max: int, n_batch: int,
+                 n_threads: int):
+        self.engine = engine
         self.model = model
-        self.stall_timeout_s = stall_timeout_s
-        self._seeds = np.random.SeedSequence(seed)
-        llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
-        llama.llama_backend_init()
         params = llama.llama_model_default_params()
         self._model = llama.llama_model_load_from_file(model.path.encode(), params)
         if not self._model:
@@ -121,7 +146,7 @@ class LlamaCppEngine(Engine):
         cparams.n_seq_max = n_seq_max
         cparams.kv_unified = True  # one pool of cells that sequences share: forks reuse the prompt's cells
         cparams.n_batch = cparams.n_ubatch = max(n_batch, n_seq_max)
-        cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
         self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama.llama_model_free(self._model)
@@ -130,9 +155,10 @@ class LlamaCppEngine(Engine):
         self.n_ctx = llama.llama_n_ctx(self._ctx)
         self.n_batch = cparams.n_batch
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponder-decode")
         self._chat_format = self._load_chat_template()
         self._pieces: dict[int, bytes] = {}  # token -> its bytes, filled as tokens are first generated
+        self._seeds = np.random.SeedSequence(engine.seed)
+        self.draft: _ModelRunner | None = None  # set when this model is the target of speculative decoding
 
         self.n_seq_max = n_seq_max
         self._free_seqs = deque(range(n_seq_max))
@@ -144,9 +170,7 @@ class LlamaCppEngine(Engine):
         self._cells_used = 0
         self._cells_reserved = 0
         self._live: set[LlamaBranch] = set()
-        self._counters = EngineStats(kv_cells_total=self.n_ctx)
-        self._task: asyncio.Task | None = None
-        self._wakeup: asyncio.Event | None = None
+        self.counters = EngineStats(kv_cells_total=self.n_ctx)
 
     # ---- text --------------------------------------------------------------------------------------------------
 
@@ -206,9 +230,7 @@ class LlamaCppEngine(Engine):
         branch.text += piece
         return piece
 
-    # ---- the Branch API --------------------------------------------------------------------------------------
-
-    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None) -> Branch:
+    def prompt_tokens(self, prompt: str | Sequence[Message]) -> list[int]:
         text = prompt if isinstance(prompt, str) else self.format_chat(prompt)
         tokens = self.tokenize(text, add_bos=llama.llama_vocab_get_add_bos(self._vocab))
         if not tokens:
@@ -217,47 +239,66 @@ class LlamaCppEngine(Engine):
             raise PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx} (prompt and answer together)"
             )
-        usage = usage if usage is not None else Usage()
-        usage.prompt_tokens += len(tokens)
+        return tokens
+
+    # ---- the Branch API --------------------------------------------------------------------------------------
+
+    async def open(self, tokens: list[int], usage: Usage, *, shadow: bool = False) -> LlamaBranch:
+        usage.add("prompt_tokens", len(tokens), self.model.name)
         (seq,) = await self._take_seqs(1)
-        root = LlamaBranch(engine=self, usage=usage, context_tokens=len(tokens), seq_id=seq, pending=tokens[-1],
-                           segments=[_Segment()], seeds=self._seeds.spawn(1)[0])
+        root = LlamaBranch(engine=self.engine, usage=usage, context_tokens=len(tokens), model=self.model.name,
+                           runner=self, seq_id=seq, pending=tokens[-1], segments=[_Segment()],
+                           seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
         root.rng = np.random.default_rng(root.seeds)
         self._live.add(root)
-        self._counters.prefills += 1
-        if len(tokens) > 1:
-            feed = _Feed(root, tokens[:-1], self._new_future(), want_logprobs=False)
-            await self._submit(feed, cells=len(feed.tokens))
-            self._counters.prefill_tokens += len(feed.tokens)
+        self.counters.prefills += 1
+        try:
+            await asyncio.gather(
+                self._feed(root, tokens[:-1]),
+                *([self._open_shadow(root, tokens)] if self.draft is not None else []))
+        except BaseException:
+            root.release()
+            raise
         return root
 
-    async def fork(self, branch: Branch, n: int) -> list[Branch]:
-        assert isinstance(branch, LlamaBranch)
+    async def _open_shadow(self, root: LlamaBranch, tokens: list[int]) -> None:
+        root.shadow = await self.draft.open(tokens, root.usage, shadow=True)
+
+    async def _feed(self, branch: LlamaBranch, tokens: list[int]) -> None:
+        if tokens:
+            feed = _Feed(branch, tokens, self.engine.new_future(), want_logprobs=False)
+            await self._submit(feed, cells=len(feed.tokens))
+            self.counters.prefill_tokens += len(feed.tokens)
+
+    async def fork(self, branch: LlamaBranch, n: int) -> list[Branch]:
         if branch.job is not None:
             raise PonderError("cannot fork a branch while it is extending")
         seqs = await self._take_seqs(n)
         if branch.released:  # released while we waited for sequence ids
             self._return_seqs(seqs)
             raise PonderError("cannot fork a released branch")
+        shadows = await self.draft.fork(branch.shadow, n) if branch.shadow is not None else [None] * n
         shared = branch.segments
         for seg in shared:
             seg.holders += n
         branch.segments = shared + [_Segment()]
         children = []
-        for seq, seeds in zip(seqs, branch.seeds.spawn(n)):
+        for seq, seeds, shadow in zip(seqs, branch.seeds.spawn(n), shadows):
             self._kv_ops.append(("cp", branch.seq_id, seq))
             child = LlamaBranch(
-                engine=self, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
-                seq_id=seq, pending=branch.pending, n_past=branch.n_past, segments=shared + [_Segment()],
-                seeds=seeds, rng=np.random.default_rng(seeds), utf8_state=branch.utf8_state,
+                engine=self.engine, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
+                runner=self, seq_id=seq, pending=branch.pending, n_past=branch.n_past,
+                segments=shared + [_Segment()], seeds=seeds, rng=np.random.default_rng(seeds),
+                utf8_state=branch.utf8_state, shadow=shadow, draft_behind=list(branch.draft_behind),
+                draft_k=branch.draft_k, is_shadow=branch.is_shadow,
             )
-            branch.usage.prompt_tokens_shared += branch.n_past
+            if not branch.is_shadow:
+                branch.usage.add("prompt_tokens_shared", branch.n_past, self.model.name)
             self._live.add(child)
             children.append(child)
         return children
 
-    async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
-        assert isinstance(branch, LlamaBranch)
+    async def extend(self, branch: LlamaBranch, params: SamplingParams, stop_if: StopIf | None) -> Branch:
         if branch.job is not None:
             raise PonderError("this branch is already extending")
         room = self.n_ctx - branch.n_past
@@ -269,14 +310,39 @@ class LlamaCppEngine(Engine):
         if params.seed is not None:
             branch.rng = np.random.default_rng(params.seed)
         branch.finish_reason = branch.matched_stop = None
-        job = _Extend(branch, params, stop_if, self._new_future(), remaining=params.max_tokens,
+        job = _Extend(branch, params, stop_if, self.engine.new_future(), remaining=params.max_tokens,
                       text_start=len(branch.text))
         branch.job = job
         await self._submit(job, cells=params.max_tokens)
         return branch
 
-    async def score(self, branch: Branch, continuation: str) -> float:
-        assert isinstance(branch, LlamaBranch)
+    async def append(self, branch: LlamaBranch, text: str) -> Branch:
+        if branch.job is not None:
+            raise PonderError("cannot append to a branch while it is extending")
+        tokens = self.tokenize(text)
+        if not tokens:
+            return branch
+        if branch.n_past + len(tokens) + 1 > self.n_ctx:
+            raise PromptTooLongError(f"appending {len(tokens)} tokens after {branch.n_past + 1} does not fit in "
+                                     f"the context of {self.n_ctx}")
+        # The pending token goes into the cells first; the last appended token becomes the new pending one.
+        fed = [branch.pending] + tokens[:-1]
+        shadow_fed = branch.draft_behind + fed
+        await asyncio.gather(
+            self._feed(branch, fed),
+            *([self.draft._feed(branch.shadow, shadow_fed)] if branch.shadow is not None else []))
+        if branch.shadow is not None:
+            branch.draft_behind = []
+        branch.pending = tokens[-1]
+        branch.tokens.extend(tokens)
+        branch.appended_tokens += len(tokens)
+        branch.text += text
+        branch.utf8_state = (b"", 0)
+        branch.context_tokens = branch.n_past + 1
+        branch.usage.add("prompt_tokens", len(tokens), self.model.name)
+        return branch
+
+    async def score(self, branch: LlamaBranch, continuation: str) -> float:
         if branch.job is not None:
             raise PonderError("cannot score on a branch while it is extending")
         targets = self.tokenize(continuation, special=False)
@@ -288,21 +354,22 @@ class LlamaCppEngine(Engine):
         (seq,) = await self._take_seqs(1)
         for seg in branch.segments:
             seg.holders += 1
-        probe = LlamaBranch(engine=self, usage=branch.usage, context_tokens=branch.context_tokens, seq_id=seq,
-                            n_past=branch.n_past, segments=branch.segments + [_Segment()])
+        probe = LlamaBranch(engine=self.engine, usage=branch.usage, context_tokens=branch.context_tokens,
+                            model=branch.model, runner=self, seq_id=seq, n_past=branch.n_past,
+                            segments=branch.segments + [_Segment()])
         self._kv_ops.append(("cp", branch.seq_id, seq))
         self._live.add(probe)
         # Feeding [pending, t0 .. t(m-2)] yields the distributions that predict t0 .. t(m-1).
-        feed = _Feed(probe, [branch.pending] + targets[:-1], self._new_future(), want_logprobs=True, targets=targets)
+        feed = _Feed(probe, [branch.pending] + targets[:-1], self.engine.new_future(), want_logprobs=True,
+                     targets=targets)
         try:
             await self._submit(feed, cells=len(feed.tokens))
         finally:
             probe.release()
-        branch.usage.scored_tokens += len(targets)
+        branch.usage.add("scored_tokens", len(targets), self.model.name)
         return feed.logprob
 
-    def release(self, branch: Branch) -> None:
-        assert isinstance(branch, LlamaBranch)
+    def release(self, branch: LlamaBranch) -> None:
         job = branch.job
         if job is not None:
             branch.job = None
@@ -327,30 +394,22 @@ class LlamaCppEngine(Engine):
         self._live.discard(branch)
         self._kv_ops.append(("rm", branch.seq_id))
         self._return_seqs([branch.seq_id])
-        self._kick()
+        if branch.shadow is not None:
+            branch.shadow.release()
+        self.engine.kick()
 
     def stats(self) -> EngineStats:
-        return replace(self._counters, live_branches=len(self._live), kv_cells_used=self._cells_used,
-                       waiting=len(self._waiting) + len(self._seq_waiters))
+        return replace(self.counters, live_branches=sum(1 for b in self._live if not b.is_shadow),
+                       kv_cells_used=self._cells_used, waiting=len(self._waiting) + len(self._seq_waiters))
 
     def close(self) -> None:
         if self._ctx:
-            self._executor.shutdown(wait=True)
             llama.llama_batch_free(self._batch)
             llama.llama_free(self._ctx)
             llama.llama_model_free(self._model)
             self._ctx = self._model = None
 
-    def __enter__(self) -> LlamaCppEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ---- scheduling --------------------------------------------------------------------------------------------
-
-    def _new_future(self) -> asyncio.Future:
-        return asyncio.get_running_loop().create_future()
+    # ---- scheduling (on the event loop) ------------------------------------------------------------------------
 
     async def _take_seqs(self, n: int) -> list[int]:
         if n > self.n_seq_max:
@@ -358,7 +417,7 @@ class LlamaCppEngine(Engine):
                               f"(raise n_seq_max)")
         if len(self._free_seqs) >= n and not self._seq_waiters:
             return [self._free_seqs.popleft() for _ in range(n)]
-        waiter = self._new_future()
+        waiter = self.engine.new_future()
         self._seq_waiters.append((n, waiter))
         return await waiter
 
@@ -376,35 +435,45 @@ class LlamaCppEngine(Engine):
                                      f"{self.n_ctx} in all")
         self._waiting.append(job)
         job.reserved = 0
-        self._kick()
+        self.engine.kick()
         try:
             return await job.future
         except asyncio.CancelledError:
             job.branch.release()  # the caller gave up (client gone, Ctrl-C): free the cells now
             raise
 
-    def _kick(self) -> None:
-        """Make sure the scheduling task runs (it exits whenever there is nothing to do)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        elif self._wakeup is not None:
-            self._wakeup.set()
-
-    def _admit(self) -> None:
+    def admit(self) -> None:
         """Start waiting jobs in FIFO order while the KV cache has room for all they may write."""
         while self._waiting:
             job = self._waiting[0]
             need = job.remaining if isinstance(job, _Extend) else len(job.tokens)
-            if self.n_ctx - self._cells_used - self._cells_reserved < need:
+            # A draft model's shadows live in the margin of its context (see the module docstring): they only need
+            # cells that are free, not unreserved.
+            reserved = 0 if job.branch.is_shadow else self._cells_reserved
+            if self.n_ctx - self._cells_used - reserved < need:
                 break
             self._waiting.popleft()
             job.reserved = need
             self._cells_reserved += need
             (self._decoding if isinstance(job, _Extend) else self._feeding).append(job)
 
-    def _plan(self) -> _StepPlan:
+    @property
+    def busy(self) -> bool:
+        return bool(self._decoding or self._feeding or self._kv_ops)
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._waiting)
+
+    def plan(self) -> _StepPlan:
         decodes = list(self._decoding)
-        room = self.n_batch - len(decodes)
+        drafts = []
+        if self.draft is not None and decodes:
+            # Up to k proposals per branch, fewer near the end of its token allowance, and all of them within one
+            # target batch of n_batch tokens.
+            fair = max(1, self.n_batch // len(decodes) - 1)
+            drafts = [max(0, min(job.branch.draft_k, job.remaining - 1, fair)) for job in decodes]
+        room = self.n_batch - len(decodes) - sum(drafts)
         feeds = []
         for feed in self._feeding:
             if room <= 0:
@@ -413,47 +482,19 @@ class LlamaCppEngine(Engine):
             feeds.append((feed, feed.done, feed.done + take))
             room -= take
         ops, self._kv_ops = self._kv_ops, []
-        return _StepPlan(ops, decodes, feeds)
+        draft_ops = []
+        if any(drafts):  # the speculative step uses the draft's cache: its queued operations come first
+            draft_ops, self.draft._kv_ops = self.draft._kv_ops, []
+        return _StepPlan(ops, decodes, feeds, drafts, draft_ops)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        while True:
-            self._admit()
-            if not (self._decoding or self._feeding or self._kv_ops):
-                if not self._waiting:
-                    return
-                # Waiting jobs need room that only a release can make. If none comes, every cell is held by idle
-                # branches that their owner waits to release until these jobs finish: fail loudly, do not hang.
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.stall_timeout_s)
-                except TimeoutError:
-                    self._fail_waiting(PonderError(
-                        f"the KV cache is full ({self._cells_used} of {self.n_ctx} cells held by branches that are "
-                        f"not generating) and nothing was released for {self.stall_timeout_s:g} s: release "
-                        f"finished branches, lower max_tokens or the number of branches, or raise n_ctx"))
-                continue
-            plan = self._plan()
-            try:
-                # shield: if this task is cancelled the worker still finishes its decode before the next one starts
-                out = await asyncio.shield(loop.run_in_executor(self._executor, self._step, plan))
-            except asyncio.CancelledError:
-                self._fail_all(EngineError("the engine loop was cancelled"))
-                raise
-            except Exception as exc:  # the jobs' futures carry the error to their callers
-                self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"decode failed: {exc!r}"))
-                return
-            self._apply(plan, out)
-
-    def _fail_waiting(self, exc: BaseException) -> None:
+    def fail_waiting(self, exc: BaseException) -> None:
         for job in self._waiting:
             job.branch.job = None
             if not job.future.done():
                 job.future.set_exception(exc)
         self._waiting.clear()
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def fail_all(self, exc: BaseException) -> None:
         """After a failed decode the KV state is unknown: end every job with the error and clear the cache."""
         for job in [*self._decoding, *self._feeding, *self._waiting]:
             if not job.future.done():
@@ -469,37 +510,47 @@ class LlamaCppEngine(Engine):
 
     # ---- the worker thread: KV operations, one decode, sampling ---------------------------------------------------
 
-    def _step(self, plan: _StepPlan) -> _StepOut:
-        for op in plan.kv_ops:
+    def _apply_kv_ops(self, ops: list[tuple]) -> None:
+        for op in ops:
             if op[0] == "cp":
                 llama.llama_memory_seq_cp(self._memory, op[1], op[2], -1, -1)
             elif op[0] == "rm":
                 llama.llama_memory_seq_rm(self._memory, op[1], -1, -1)
+            elif op[0] == "rm_from":  # speculative tokens that were rejected: positions op[2].. of sequence op[1]
+                llama.llama_memory_seq_rm(self._memory, op[1], op[2], -1)
             else:
                 llama.llama_memory_clear(self._memory, True)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) items; the logits rows asked for."""
         batch = self._batch
-        i = 0
-        for job in plan.decodes:
-            b = job.branch
+        for i, (token, pos, seq, logits) in enumerate(items):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
-                b.pending, b.n_past, 1, b.seq_id, True)
-            i += 1
-        for feed, start, stop in plan.feeds:
-            b = feed.branch
-            for k in range(start, stop):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
-                    feed.tokens[k], b.n_past + k - start, 1, b.seq_id, feed.want_logprobs)
-                i += 1
-        if i == 0:
-            return _StepOut([], [])
-        batch.n_tokens = i
+                token, pos, 1, seq, logits)
+        batch.n_tokens = len(items)
         rc = llama.llama_decode(self._ctx, batch)
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc} (no room in the KV cache or a bad batch)")
-        n_out = len(plan.decodes) + sum(stop - start for f, start, stop in plan.feeds if f.want_logprobs)
-        logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
-        samples = [sample(logits[r], job.params, job.branch.rng) for r, job in enumerate(plan.decodes)]
-        row = len(plan.decodes)
+        n_out = sum(1 for item in items if item[3])
+        return np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+
+    def step(self, plan: _StepPlan) -> _StepOut:
+        self._apply_kv_ops(plan.kv_ops)
+        proposals = self.draft._propose(plan) if any(plan.drafts) else [([], [])] * len(plan.decodes)
+        items = []
+        for job, (drafted, _) in zip(plan.decodes, proposals):
+            b = job.branch
+            items += [(token, b.n_past + i, b.seq_id, True) for i, token in enumerate([b.pending, *drafted])]
+        for feed, start, stop in plan.feeds:
+            b = feed.branch
+            items += [(feed.tokens[k], b.n_past + k - start, b.seq_id, feed.want_logprobs) for k in range(start, stop)]
+        if not items:
+            return _StepOut([], [])
+        logits = self._decode(items)
+        samples, row = [], 0
+        for job, (drafted, q) in zip(plan.decodes, proposals):
+            samples.append(self._verify(logits[row: row + len(drafted) + 1], drafted, q, job))
+            row += len(drafted) + 1
         feed_logprobs = []
         for feed, start, stop in plan.feeds:
             if feed.want_logprobs:
@@ -508,41 +559,59 @@ class LlamaCppEngine(Engine):
                 row += stop - start
         return _StepOut(samples, feed_logprobs)
 
+    def _verify(self, rows: np.ndarray, drafted: list[int], q: list, job: _Extend) -> list[Sample]:
+        """The tokens a decode gives one branch: plain sampling from the first row, or the draft's proposals kept
+        by modified rejection sampling, then the target's own correction (or, all kept, one bonus token)."""
+        params, rng = job.params, job.branch.rng
+        out = []
+        for i, token in enumerate(drafted):
+            choice = speculative_choice(distribution(rows[i], params), q[i], token, rng)
+            if choice is not None:
+                return out + [describe(rows[i], choice, params)]
+            out.append(describe(rows[i], token, params))
+        return out + [sample(rows[len(drafted)], params, rng)]
+
+    def _propose(self, plan: _StepPlan) -> list[tuple[list[int], list]]:
+        """The draft model's proposals for each decode of the target's ``plan``: k draft decodes, every branch in
+        each. Returns per decode the drafted tokens and the draft distribution each was drawn from."""
+        self._apply_kv_ops(plan.draft_kv_ops)
+        proposals = [([], []) for _ in plan.decodes]
+        for r in range(max(plan.drafts)):
+            items, who = [], []
+            for j, (job, k) in enumerate(zip(plan.decodes, plan.drafts)):
+                if r >= k:
+                    continue
+                b, shadow = job.branch, job.branch.shadow
+                # First round: the tokens the shadow has not evaluated yet, then the target's pending token.
+                new = [*b.draft_behind, b.pending] if r == 0 else [proposals[j][0][-1]]
+                start = shadow.n_past + (0 if r == 0 else len(b.draft_behind) + r)
+                items += [(token, start + i, shadow.seq_id, i == len(new) - 1) for i, token in enumerate(new)]
+                who.append(j)
+            logits = self._decode(items)
+            for row, j in enumerate(who):
+                job = plan.decodes[j]
+                q = distribution(logits[row], job.params)
+                token = int(q[0][0]) if q[0].size == 1 else draw(*q, job.branch.rng)
+                proposals[j][0].append(token)
+                proposals[j][1].append(q)
+        return proposals
+
     # ---- back on the event loop: bookkeeping --------------------------------------------------------------------
 
-    def _apply(self, plan: _StepPlan, out: _StepOut) -> None:
+    def apply(self, plan: _StepPlan, out: _StepOut) -> None:
         if plan.decodes or plan.feeds:  # a step may carry only KV operations
-            self._counters.decode_steps += 1
-        eog = llama.llama_vocab_is_eog
-        for job, s in zip(plan.decodes, out.samples):
+            self.counters.decode_steps += 1
+        for i, (job, new) in enumerate(zip(plan.decodes, out.samples)):
             b = job.branch
             if b.job is not job:  # released while the step ran
                 continue
-            b.n_past += 1
-            b.segments[-1].cells += 1
-            self._cells_used += 1
-            self._cells_reserved -= 1
-            job.reserved -= 1
-            job.remaining -= 1
-            b.pending = s.token
-            b.context_tokens = b.n_past + 1
-            if not job.params.ignore_eos and eog(self._vocab, s.token):
-                self._finish(job, "stop")  # the end token is not part of the text, nor counted as generated
-                continue
-            b.usage.generated_tokens += 1
-            self._counters.generated_tokens += 1
-            piece = self._append_token(b, s.token)
-            if s.logprob is not None:
-                b.token_logprobs.append(s.logprob)
-            if s.confidence is not None:
-                b.confidences.append(s.confidence)
-                b.entropies.append(s.entropy)
-            if job.params.stop and self._matched_stop(b, job, len(piece)):
-                self._finish(job, "stop")
-            elif job.remaining == 0:
-                self._finish(job, "length")
-            elif job.stop_if is not None and job.stop_if(b):
-                self._finish(job, "halted")
+            start, entered = b.n_past, []
+            for s in new:
+                entered.append(b.pending)
+                if self._take(job, s):
+                    break
+            if plan.drafts:
+                self._settle_speculation(b, start, entered, plan.drafts[i], accepted=len(new) - 1)
         sums = iter(out.feed_logprobs)
         for feed, start, stop in plan.feeds:
             if feed.want_logprobs:
@@ -560,6 +629,60 @@ class LlamaCppEngine(Engine):
                 self._feeding.remove(feed)
                 if not feed.future.done():
                     feed.future.set_result(None)
+
+    def _take(self, job: _Extend, s: Sample) -> bool:
+        """The branch's pending token entered the cells and ``s`` is its next one; True when the extend ended."""
+        b = job.branch
+        b.n_past += 1
+        b.segments[-1].cells += 1
+        self._cells_used += 1
+        self._cells_reserved -= 1
+        job.reserved -= 1
+        job.remaining -= 1
+        b.pending = s.token
+        b.context_tokens = b.n_past + 1
+        if not job.params.ignore_eos and llama.llama_vocab_is_eog(self._vocab, s.token):
+            self._finish(job, "stop")  # the end token is not part of the text, nor counted as generated
+            return True
+        b.usage.add("generated_tokens", 1, self.model.name)
+        self.counters.generated_tokens += 1
+        piece = self._append_token(b, s.token)
+        if s.logprob is not None:
+            b.token_logprobs.append(s.logprob)
+        if s.confidence is not None:
+            b.confidences.append(s.confidence)
+            b.entropies.append(s.entropy)
+        if job.params.stop and self._matched_stop(b, job, len(piece)):
+            self._finish(job, "stop")
+        elif job.remaining == 0:
+            self._finish(job, "length")
+        elif job.stop_if is not None and job.stop_if(b):
+            self._finish(job, "halted")
+        else:
+            return False
+        return True
+
+    def _settle_speculation(self, b: LlamaBranch, start: int, entered: list[int], drafted: int,
+                            accepted: int) -> None:
+        """After a speculative step of ``b`` that began with ``start`` tokens in its cells and put ``entered`` into
+        them: drop the target's and the draft's cells past what was kept, remember what the draft has yet to
+        evaluate, adapt k, count."""
+        draft, shadow = self.draft, b.shadow
+        self._kv_ops.append(("rm_from", b.seq_id, b.n_past))  # the target wrote start .. start + drafted
+        backlog = b.draft_behind + entered  # the target's tokens at positions shadow.n_past .. b.n_past - 1
+        # The shadow wrote its backlog, the pending token and drafted - 1 proposals: keep what the target kept.
+        written_to = start + drafted if drafted else shadow.n_past
+        keep = min(b.n_past, written_to)
+        draft._kv_ops.append(("rm_from", shadow.seq_id, keep))
+        grown = keep - shadow.n_past
+        shadow.n_past = keep
+        shadow.segments[-1].cells += grown
+        draft._cells_used += grown
+        b.draft_behind = backlog[grown:]
+        if drafted:
+            b.draft_k = min(DRAFT_K_MAX, b.draft_k + 2) if accepted == drafted else max(1, b.draft_k - 1)
+            b.usage.add("drafted_tokens", drafted, draft.model.name)
+            b.usage.add("accepted_tokens", accepted, draft.model.name)
 
     def _matched_stop(self, b: LlamaBranch, job: _Extend, piece_len: int) -> bool:
         longest = max(len(s) for s in job.params.stop)
@@ -579,3 +702,199 @@ class LlamaCppEngine(Engine):
         job.reserved = 0
         if not job.future.done():
             job.future.set_result(b)
+
+
+class LlamaCppEngine(Engine):
+    """Every model of a process on one scheduler and one worker thread; see the module docstring."""
+
+    def __init__(self, model: ModelInfo, *, draft: ModelInfo | None = None, n_ctx: int = 32768,
+                 n_seq_max: int = 64, n_batch: int = 512, n_threads: int | None = None, seed: int | None = None,
+                 stall_timeout_s: float = 60.0):
+        self.model = model
+        self.seed = seed
+        self.stall_timeout_s = stall_timeout_s
+        self._runner_options = dict(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch,
+                                    n_threads=n_threads or os.cpu_count() or 1)
+        llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponder-decode")
+        self._runners: dict[str, _ModelRunner] = {}
+        self._loading: asyncio.Lock | None = None
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        target = self._load(model)
+        if draft is not None:
+            if draft.name == model.name:
+                raise PonderError(f"the draft model must differ from the target ({model.name})")
+            draft_runner = self._load(draft, margin=n_seq_max * (DRAFT_K_MAX + 2))
+            if draft_runner.n_vocab != target.n_vocab:
+                raise PonderError(f"{draft.name} cannot draft for {model.name}: their vocabularies differ "
+                                  f"({draft_runner.n_vocab} and {target.n_vocab} tokens)")
+            target.draft = draft_runner
+        self.draft = draft
+
+    def _load(self, model: ModelInfo, margin: int = 0) -> _ModelRunner:
+        options = dict(self._runner_options)
+        options["n_ctx"] += margin
+        runner = _ModelRunner(self, model, **options)
+        self._runners[model.name] = runner
+        return runner
+
+    async def _runner_for(self, name: str | None) -> _ModelRunner:
+        """The runner of model ``name`` (a bundled name or GGUF path), loaded on the worker the first time."""
+        if name is None:
+            return self._runners[self.model.name]
+        if name in self._runners:
+            return self._runners[name]
+        from ..models import resolve_model
+
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(self._executor, resolve_model, name)
+            if info.name not in self._runners:
+                runner = await loop.run_in_executor(self._executor, self._load, info)
+                if runner.n_vocab != self._default.n_vocab:
+                    del self._runners[info.name]
+                    runner.close()
+                    raise PonderError(f"{info.name} and {self.model.name} do not share a vocabulary; one engine "
+                                      f"only holds models that do")
+            self._runners[name] = self._runners[info.name]
+            return self._runners[name]
+
+    @property
+    def _default(self) -> _ModelRunner:
+        return self._runners[self.model.name]
+
+    # The default model's text functions and sizes (benchmarks and tools read them).
+    def format_chat(self, messages: Sequence[Message]) -> str:
+        return self._default.format_chat(messages)
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
+        return self._default.tokenize(text, special=special, add_bos=add_bos)
+
+    def token_text(self, token: int, *, special: bool = False) -> str:
+        return self._default.token_text(token, special=special)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._default.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self._default.n_ctx
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._default.n_seq_max
+
+    @property
+    def n_batch(self) -> int:
+        return self._default.n_batch
+
+    @property
+    def models(self) -> list[str]:
+        """The models loaded so far, the default one first."""
+        return list(dict.fromkeys(r.model.name for r in self._runners.values()))
+
+    # ---- the Branch API --------------------------------------------------------------------------------------
+
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
+                   model: str | None = None) -> Branch:
+        runner = await self._runner_for(model)
+        return await runner.open(runner.prompt_tokens(prompt), usage if usage is not None else Usage())
+
+    async def fork(self, branch: Branch, n: int) -> list[Branch]:
+        assert isinstance(branch, LlamaBranch)
+        return await branch.runner.fork(branch, n)
+
+    async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
+        assert isinstance(branch, LlamaBranch)
+        return await branch.runner.extend(branch, params, stop_if)
+
+    async def append(self, branch: Branch, text: str) -> Branch:
+        assert isinstance(branch, LlamaBranch)
+        return await branch.runner.append(branch, text)
+
+    async def score(self, branch: Branch, continuation: str) -> float:
+        assert isinstance(branch, LlamaBranch)
+        return await branch.runner.score(branch, continuation)
+
+    def release(self, branch: Branch) -> None:
+        assert isinstance(branch, LlamaBranch)
+        branch.runner.release(branch)
+
+    def stats(self) -> EngineStats:
+        total = EngineStats()
+        for runner in dict.fromkeys(self._runners.values()):
+            s = runner.stats()
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+        return total
+
+    def close(self) -> None:
+        if self._runners:
+            self._executor.shutdown(wait=True)
+            for runner in dict.fromkeys(self._runners.values()):
+                runner.close()
+            self._runners = {}
+
+    def __enter__(self) -> LlamaCppEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the scheduler: every model's steps, one at a time, on the one worker ----------------------------------
+
+    def new_future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def kick(self) -> None:
+        """Make sure the scheduling task runs (it exits whenever there is nothing to do)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        elif self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        while True:
+            runners = list(dict.fromkeys(self._runners.values()))
+            for runner in runners:
+                runner.admit()
+            busy = [r for r in runners if r.busy]
+            if not busy:
+                if not any(r.blocked for r in runners):
+                    return
+                # Waiting jobs need room that only a release can make. If none comes, every cell is held by idle
+                # branches that their owner waits to release until these jobs finish: fail loudly, do not hang.
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self.stall_timeout_s)
+                except TimeoutError:
+                    for r in runners:
+                        r.fail_waiting(PonderError(
+                            f"the KV cache is full ({r.model.name}: {r._cells_used} of {r.n_ctx} cells held by "
+                            f"branches that are not generating) and nothing was released for "
+                            f"{self.stall_timeout_s:g} s: release finished branches, lower max_tokens or the number "
+                            f"of branches, or raise n_ctx"))
+                continue
+            for runner in busy:  # one step of each model in turn: their batches interleave on the one worker
+                plan = runner.plan()
+                try:
+                    # shield: if this task is cancelled the worker still finishes its decode before the next one
+                    out = await asyncio.shield(loop.run_in_executor(self._executor, runner.step, plan))
+                except asyncio.CancelledError:
+                    self._fail_all(EngineError("the engine loop was cancelled"))
+                    raise
+                except Exception as exc:  # the jobs' futures carry the error to their callers
+                    self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"decode failed: {exc!r}"))
+                    return
+                runner.apply(plan, out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for runner in dict.fromkeys(self._runners.values()):
+            runner.fail_all(exc)

@@ -31,32 +31,72 @@ class Sample:
     entropy: float | None = None  # entropy of the model's distribution, in nats
 
 
-def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> Sample:
-    """Pick the next token from one row of logits according to ``params``."""
+def distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution ``params`` samples from, as (candidate token ids, probabilities summing to 1).
+
+    Greedy (temperature 0) is a single candidate with probability 1. Speculative decoding compares the target's and
+    the draft's distributions in exactly this form."""
     top = float(row.max())
     if params.temperature <= 0.0:
-        token = int(row.argmax())
+        return np.array([int(row.argmax())]), np.array([1.0])
+    t = params.temperature
+    cand = np.flatnonzero(row > top - SAMPLE_NATS * t)
+    vals = row[cand]
+    if params.top_k and cand.size > params.top_k:
+        keep = np.argpartition(vals, -params.top_k)[-params.top_k :]
+        cand, vals = cand[keep], vals[keep]
+    probs = np.exp((vals - top) / t)  # the best token has weight exactly 1
+    if params.min_p > 0.0:
+        keep = probs >= params.min_p
+        cand, probs = cand[keep], probs[keep]
+    if params.top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        n_keep = int(np.searchsorted(cum, params.top_p * cum[-1])) + 1
+        cand, probs = cand[order[:n_keep]], probs[order[:n_keep]]
+    return cand, probs / probs.sum()
+
+
+def draw(cand: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from a (candidates, probabilities) distribution."""
+    cum = np.cumsum(probs)
+    return int(cand[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), cand.size - 1)])
+
+
+def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> Sample:
+    """Pick the next token from one row of logits according to ``params``."""
+    if params.temperature <= 0.0:
+        token = int(row.argmax())  # no random draw: greedy leaves the branch's generator untouched
     else:
-        t = params.temperature
-        cand = np.flatnonzero(row > top - SAMPLE_NATS * t)
-        vals = row[cand]
-        if params.top_k and cand.size > params.top_k:
-            keep = np.argpartition(vals, -params.top_k)[-params.top_k :]
-            cand, vals = cand[keep], vals[keep]
-        probs = np.exp((vals - top) / t)  # the best token has weight exactly 1
-        if params.min_p > 0.0:
-            keep = probs >= params.min_p
-            cand, probs = cand[keep], probs[keep]
-        if params.top_p < 1.0:
-            order = np.argsort(-probs)
-            cum = np.cumsum(probs[order])
-            n_keep = int(np.searchsorted(cum, params.top_p * cum[-1])) + 1
-            cand, probs = cand[order[:n_keep]], probs[order[:n_keep]]
-        cum = np.cumsum(probs)
-        token = int(cand[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), cand.size - 1)])
+        token = draw(*distribution(row, params), rng)
+    return describe(row, token, params)
+
+
+def describe(row: np.ndarray, token: int, params: SamplingParams) -> Sample:
+    """``token`` with the log-probability, confidence and entropy that ``params`` asks to record."""
     if not params.wants_logprobs:
         return Sample(token)
-    return _with_logprobs(row, top, token, params.top_logprobs)
+    return _with_logprobs(row, float(row.max()), token, params.top_logprobs)
+
+
+def speculative_choice(p: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray], drafted: int,
+                       rng: np.random.Generator) -> int | None:
+    """Modified rejection sampling (Leviathan et al., 2023; Chen et al., 2023): accept the draft's token ``drafted``
+    (drawn from ``q``) with probability min(1, p(x) / q(x)); None means accepted, else the returned token replaces it,
+    drawn from the residual max(0, p - q), renormalised. Together the output has exactly the target's distribution
+    ``p``. Greedy targets (one candidate) accept exactly their own argmax and otherwise return it."""
+    p_cand, p_probs = p
+    if p_cand.size == 1:  # greedy: deterministic, no random draw
+        return None if drafted == int(p_cand[0]) else int(p_cand[0])
+    p_of = dict(zip(p_cand.tolist(), p_probs.tolist()))
+    q_of = dict(zip(q[0].tolist(), q[1].tolist()))
+    px, qx = p_of.get(drafted, 0.0), q_of.get(drafted, 0.0)
+    if qx > 0.0 and rng.random() * qx < px:  # u < p/q without dividing
+        return None
+    residual = np.array([max(0.0, pp - q_of.get(tok, 0.0)) for tok, pp in p_of.items()])
+    if residual.sum() <= 0.0:  # p == q up to rounding: any draw from p is exact
+        return draw(p_cand, p_probs, rng)
+    return draw(p_cand, residual / residual.sum(), rng)
 
 
 def _log_normalizer(row: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -78,11 +118,14 @@ def _with_logprobs(row: np.ndarray, top: float, token: int, top_k: int) -> Sampl
     logprob = float(row[token]) - lse
     if top_k == 0:
         return Sample(token, logprob)
-    probs = weights / weights.sum()
-    entropy = float(-(probs * (shifted - log_total)).sum())
     if shifted.size >= top_k:
         best = np.partition(shifted, -top_k)[-top_k:] + top
     else:  # a very peaked row: fewer than k tokens within LOGPROB_NATS of the best, so look at the whole row
         best = np.partition(row, -top_k)[-top_k:].astype(np.float64)
-    confidence = float(-(best - lse).mean())
+    best_logprobs = best - lse
+    confidence = float(-best_logprobs.mean())
+    # Entropy of the k alternatives renormalised: what a remote server's top_logprobs allow too, and the quantity
+    # GlimpRouter thresholds (top-20, nats).
+    renormalised = best_logprobs - np.logaddexp.reduce(best_logprobs)
+    entropy = float(-(np.exp(renormalised) * renormalised).sum())
     return Sample(token, logprob, confidence, entropy)

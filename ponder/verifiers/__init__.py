@@ -1,7 +1,7 @@
 """Verifiers: score a finished candidate solution in [0, 1] (higher = more likely correct), chosen by name.
 
 * ``self`` -- the generating model, asked on the candidate's own branch whether its answer is correct: P(Yes).
-* ``judge`` -- a second model asked the same question in a fresh prompt (e.g. the bundled 1.5B).
+* ``judge`` -- a second model of the same engine asked the same question in a fresh prompt (e.g. the bundled 1.5B).
 * ``program`` -- the Python program in the solution, run in the sandbox; does it print the stated answer?
 
 Every verifier's tokens land in the candidate's (the request's) ``Usage``: ``self`` adds the tokens it scores,
@@ -10,10 +10,8 @@ Every verifier's tokens land in the candidate's (the request's) ``Usage``: ``sel
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Protocol
 
-from ..engine import load_engine
 from ..engine.base import Branch, Engine, PonderError
 from .llm import JudgeVerifier, SelfVerifier
 from .program import ProgramVerifier
@@ -26,19 +24,13 @@ class Verifier(Protocol):
     async def score(self, question: str, candidate: Branch) -> float: ...
 
 
-@cache
-def judge_engine(model: str) -> Engine:
-    """A judge model loaded once per process: a benchmark scores many problems with the same judge."""
-    return load_engine(model)
-
-
 def get_verifier(name: str, *, engine: Engine, judge: str = DEFAULT_JUDGE) -> Verifier:
     """The verifier called ``name`` for candidates from ``engine``; ``judge`` names the judge model (a bundled model
-    or a GGUF path): the generating model's own name reuses ``engine`` instead of loading a second copy."""
+    or a GGUF path), which ``engine`` loads beside the generating model and schedules on the same worker."""
     if name == "self":
         return SelfVerifier()
     if name == "judge":
-        return JudgeVerifier(engine if judge == engine.model.name else judge_engine(judge))
+        return JudgeVerifier(engine, judge)
     if name == "program":
         return ProgramVerifier()
     raise PonderError(f"unknown verifier {name!r}; choose one of: {', '.join(VERIFIERS)}")

@@ -38,13 +38,15 @@ class SelfVerifier:
 
 class JudgeVerifier:
     """A second model reads the problem and the candidate's text in a fresh prompt, evaluated once per candidate and
-    shared by the Yes and No probes."""
+    shared by the Yes and No probes. The judge is a model of the generating engine (``engine.open(model=judge)``),
+    so its forward passes take turns with the generator's on the one worker."""
 
-    def __init__(self, judge: Engine):
+    def __init__(self, engine: Engine, judge: str):
+        self.engine = engine
         self.judge = judge
 
     async def score(self, question: str, candidate: Branch) -> float:
-        prompt = await self.judge.open(judge_messages(question, candidate.text), candidate.usage)
+        prompt = await self.engine.open(judge_messages(question, candidate.text), candidate.usage, model=self.judge)
         try:
             yes, no = await asyncio.gather(prompt.score("Yes"), prompt.score("No"))
         finally:
