@@ -10,15 +10,17 @@ A step that ends any other way -- end-of-generation, another stop string, its to
 solution, and so does a step that states a complete ``\\boxed{...}`` answer.
 
 ``StepAllowance`` says how long the next step may be: within a cap per step, the solution's ``max_tokens`` and the
-run's token budget (generated plus scored tokens, so a judge's reading is paid for like writing).
+run's token budget (generated plus scored tokens, so a judge's reading is paid for like writing); it also records how
+a solution it cut short ended.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .answers import _boxed_contents
+from .answers import _boxed_contents, extract_answer
 from .engine.base import Branch, PonderError, SamplingParams, Usage
+from .result import BranchSummary
 
 DELIMITER = "\n\n"
 
@@ -63,10 +65,22 @@ class StepAllowance:
         """Tokens left for ``solution`` to grow by, keeping ``reserve`` tokens of the budget for later work."""
         left = self.max_tokens - len(solution.tokens)
         if self.budget is not None:
-            spent = self.usage.generated_tokens + self.usage.scored_tokens
-            left = min(left, self.budget - spent - reserve)
+            left = min(left, self.budget - self._spent() - reserve)
         return max(0, left)
 
     def step(self, solution: Branch, *, reserve: int = 0) -> int:
         """The cap of the next step (0: no room for one)."""
         return min(self.step_tokens, self.room(solution, reserve=reserve))
+
+    def summary(self, solution: Branch, *, ended: bool) -> BranchSummary:
+        """The result's record of ``solution``; ``ended`` says whether its last extend wrote the end. A solution
+        that did not end with a stop was cut: its finish reason is "halted" when the budget is spent, else "length",
+        and its last number is no answer (as for any branch cut off)."""
+        summary = BranchSummary.of(solution)
+        if ended and summary.finish_reason == "stop":
+            return summary
+        cut = "halted" if self.budget is not None and self._spent() >= self.budget else "length"
+        return replace(summary, finish_reason=cut, answer=extract_answer(solution.text, last_number=False))
+
+    def _spent(self) -> int:
+        return self.usage.generated_tokens + self.usage.scored_tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..engine.base import PonderError
 from . import adaptive, bon, deepconf, greedy, sc, short_mk
+from . import cascade, glimprouter, specreason  # two models: a small and a large one
 
 STRATEGIES = {
     "greedy": greedy.run,
@@ -14,6 +15,9 @@ STRATEGIES = {
     "short-m@k": short_mk.run,
     "first-finish": short_mk.first_finish,
     "bon": bon.run,
+    "cascade": cascade.run,
+    "specreason": specreason.run,
+    "glimprouter": glimprouter.run,
 }
 
 DESCRIPTIONS = {
@@ -24,6 +28,9 @@ DESCRIPTIONS = {
     "short-m@k": "run n branches, stop when m have finished, vote among those m",
     "first-finish": "run n branches, answer with the first to finish (short-1@k)",
     "bon": "best-of-n: the candidate a verifier (self, judge or program) scores highest",
+    "cascade": "the small model samples k answers; below tau agreement the question escalates to the large model",
+    "specreason": "the small model drafts each step, the large one scores it (0-9) and rewrites low-scored steps",
+    "glimprouter": "per step, the small model's first-token entropy decides which model writes the step",
 }
 
 

@@ -1,0 +1,59 @@
+"""A training-free small-to-large cascade (the vote-based rule of Yue et al.'s MoT cascade, ICLR 2024; a Hybrid LLM
+router without the trained router): the small model samples ``k`` answers; when the leading answer holds at least
+``tau`` of them, the small model's vote is the answer; otherwise the question escalates to the large model.
+
+The share is the leader's votes over all ``k`` samples, so a sample that states no answer (or was cut off) counts
+against agreement, as in MoT. On escalation the large model answers greedily (``m = 1``) or by self-consistency over
+``m`` samples; its answer replaces the small model's. The result lists the small model's branches, then the large
+model's; ``details`` says whether the question escalated and the small vote's leader and share, and
+``usage.models`` holds each model's tokens. The token budget caps the generated tokens of both models together.
+``n`` is not used: the sample counts are ``k`` and ``m``.
+
+Options:
+  k      samples from the small model (default 4)
+  tau    share of the small vote the leading answer needs to be accepted (default 0.75)
+  m      on escalation: 1 = the large model's greedy answer (default), more = self-consistency over m samples
+  small  the small model (default qwen2.5-0.5b)
+  large  the large model (default qwen2.5-1.5b)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from ..engine.base import Engine, PonderError, SamplingParams, Usage
+from ..result import BranchSummary, Result
+from ..stopping import ballot
+from .pool import Pool, run_config
+
+
+async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
+              seed: int | None = None, budget: int | None = None, k: int = 4, tau: float = 0.75, m: int = 1,
+              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b") -> Result:
+    if k < 1 or m < 1:
+        raise PonderError(f"k and m must be at least 1, got k={k}, m={m}")
+    if not 0.0 < tau <= 1.0:
+        raise PonderError(f"tau must be in (0, 1], got {tau}")
+    start = time.perf_counter()
+    usage = Usage()  # one account for both pools, so the budget caps both models together
+    async with Pool(engine, question, seed=seed, budget=budget, model=small, usage=usage) as pool:
+        small_votes = ballot(await pool.sample(params, first=k))
+    small_branches = pool.branches
+    leader = small_votes.winner
+    share = small_votes.groups[leader] / k if leader is not None else 0.0
+    escalated = share < tau
+    deciding, large_branches = small_votes, []
+    if escalated:
+        large_params = replace(params, temperature=0.0) if m == 1 else params
+        # Seeds continue after the small model's, so no large sample repeats a small one's random stream.
+        large_seed = None if seed is None else seed + k
+        async with Pool(engine, question, seed=large_seed, budget=budget, model=large, usage=usage) as pool:
+            deciding = ballot(await pool.sample(large_params, first=m))
+        large_branches = pool.branches
+    usage.wall_s = time.perf_counter() - start
+    summaries = [BranchSummary.of(b) for b in small_branches + large_branches]
+    config = run_config(n=n, params=params, seed=seed, budget=budget, k=k, tau=tau, m=m, small=small, large=large)
+    result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", config)
+    result.details = {"escalated": escalated, "small_answer": leader, "small_share": round(share, 4)}
+    return result
