@@ -8,6 +8,7 @@ import socket
 
 from ..engine import PonderError
 from ..options import add_model_arguments, engine_from_args, positive_int
+from ..sandbox import UNSANDBOXED_OPT_IN, unsandboxed_opted_in
 from .app import ServerConfig, create_app
 
 API_KEY_ENV = "PONDER_API_KEY"
@@ -36,12 +37,18 @@ def register(subparsers) -> None:
     serve.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
                        help="on SIGTERM or Ctrl-C, let requests in flight finish for this long, then cancel them and "
                             f"free their branches (default: {SHUTDOWN_GRACE_S:g})")
+    serve.add_argument("--allow-unsandboxed-code", action="store_true",
+                       help=f"accept {UNSANDBOXED_OPT_IN}=1 where programs cannot be isolated: model-written code, "
+                            "steered by remote clients, then runs with this server's rights")
     serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if unsandboxed_opted_in() and not args.allow_unsandboxed_code:
+        raise PonderError(f"{UNSANDBOXED_OPT_IN}=1 would let remote clients steer model-written code that runs "
+                          "unisolated, with this server's rights; unset it, or add --allow-unsandboxed-code")
     if args.shutdown_grace < 0:
         raise PonderError(f"--shutdown-grace must be 0 or more seconds, got {args.shutdown_grace:g}")
     config = ServerConfig(default_strategy=args.strategy, default_n=args.n,

@@ -13,7 +13,7 @@ import re
 
 from ..answers import equivalent, extract_answer
 from ..engine.base import Branch
-from .sandbox import Limits, run_python
+from ..sandbox import Limits, run_python
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 AGREES, NO_EVIDENCE, DISAGREES = 1.0, 0.5, 0.0
