@@ -4,7 +4,7 @@ in a module of its own; the module docstring documents its options, which are ke
 from __future__ import annotations
 
 from ..engine.base import PonderError
-from . import adaptive, bon, deepconf, greedy, sc, short_mk
+from . import adaptive, bon, deepconf, greedy, mix, pal, sc, short_mk
 from . import cascade, glimprouter, specreason  # two models: a small and a large one
 
 STRATEGIES = {
@@ -15,6 +15,8 @@ STRATEGIES = {
     "short-m@k": short_mk.run,
     "first-finish": short_mk.first_finish,
     "bon": bon.run,
+    "pal": pal.run,
+    "mix": mix.run,
     "cascade": cascade.run,
     "specreason": specreason.run,
     "glimprouter": glimprouter.run,
@@ -28,6 +30,8 @@ DESCRIPTIONS = {
     "short-m@k": "run n branches, stop when m have finished, vote among those m",
     "first-finish": "run n branches, answer with the first to finish (short-1@k)",
     "bon": "best-of-n: the candidate a verifier (self, judge or program) scores highest",
+    "pal": "program-aided: n Python programs run in the sandbox as they finish, their printed answers vote",
+    "mix": "chain-of-thought and program branches (half and half) in one vote",
     "cascade": "the small model samples k answers; below tau agreement the question escalates to the large model",
     "specreason": "the small model drafts each step, the large one scores it (0-9) and rewrites low-scored steps",
     "glimprouter": "per step, the small model's first-token entropy decides which model writes the step",
