@@ -48,8 +48,8 @@ def remote(llama_server):
 def test_probe_finds_what_llama_cpp_python_honours(remote):
     (server,) = remote._servers
     assert not server.supports_n  # it ignores n: one request per branch
-    assert server.supports_logprobs
-    assert not server.supports_echo_logprobs  # its prompt logprobs are off by one position
+    assert asyncio.run(remote._supports("supports_logprobs"))  # probed lazily, the first time it is needed
+    assert not asyncio.run(remote._supports("supports_echo_logprobs"))  # its prompt logprobs are off by one
 
 
 def test_self_consistency_through_the_remote_engine(remote):

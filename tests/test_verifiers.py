@@ -8,7 +8,7 @@ import math
 import pytest
 
 from ponder.engine.base import SamplingParams
-from ponder.engine.fake import FakeEngine
+from ponder.engine.fake import FakeEngine, FakeModel
 from ponder.verifiers import get_verifier
 from ponder.verifiers.llm import SELF_CHECK, JudgeVerifier, SelfVerifier, p_yes
 from ponder.verifiers.program import AGREES, DISAGREES, NO_EVIDENCE, ProgramVerifier, last_program
@@ -45,24 +45,25 @@ def test_self_verifier_continues_the_candidates_own_branch():
     assert branch.usage.scored_tokens == 2 * len((SELF_CHECK + " Yes").split())
 
 
-def test_judge_verifier_opens_one_prompt_per_candidate_and_counts_it():
-    generator = FakeEngine(["6 * 7 = \\boxed{42}"])
-    judge = FakeEngine([], score_fn=lambda context, reply: -0.1 if ("boxed{42}" in context) == (reply == "Yes")
+def test_judge_verifier_opens_one_prompt_per_candidate_on_the_judge_model_and_counts_it():
+    judged = FakeModel([], score_fn=lambda context, reply: -0.1 if ("boxed{42}" in context) == (reply == "Yes")
                        else -4.0)
-    branch = candidate(generator)
+    engine = FakeEngine(["6 * 7 = \\boxed{42}"], models={"judge": judged})
+    branch = candidate(engine)
     prompt_before = branch.usage.prompt_tokens
-    score = asyncio.run(JudgeVerifier(judge).score("What is 6 * 7?", branch))
+    before = engine.stats()
+    score = asyncio.run(JudgeVerifier(engine, "judge").score("What is 6 * 7?", branch))
     assert score > 0.95
-    assert judge.stats().prefills == 1  # shared by the Yes and No probes
-    assert judge.stats().live_branches == 0
+    assert engine.stats().prefills == before.prefills + 1  # one judge prompt, shared by the Yes and No probes
+    assert engine.stats().live_branches == before.live_branches  # the judge's prompt was released
     assert branch.usage.prompt_tokens > prompt_before  # the judge's prompt is on the request's bill
-    assert branch.usage.scored_tokens == 2
+    assert branch.usage.models["judge"]["scored_tokens"] == 2
 
 
-def test_judge_named_like_the_generator_reuses_its_engine():
+def test_judge_is_a_model_of_the_generating_engine():
     engine = FakeEngine(["x"], name="qwen2.5-0.5b")
-    verifier = get_verifier("judge", engine=engine, judge="qwen2.5-0.5b")
-    assert isinstance(verifier, JudgeVerifier) and verifier.judge is engine
+    verifier = get_verifier("judge", engine=engine, judge="qwen2.5-1.5b")
+    assert isinstance(verifier, JudgeVerifier) and verifier.engine is engine and verifier.judge == "qwen2.5-1.5b"
 
 
 def test_last_program_takes_the_final_fenced_block():

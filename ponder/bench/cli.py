@@ -125,14 +125,14 @@ def _replay_engine(args: argparse.Namespace, dataset, problems, config):
 
 def report_command(args: argparse.Namespace) -> int:
     try:
-        # matplotlib loads in about half a second, and is an optional extra: only `ponder report` pays for it
+        # matplotlib loads in about half a second, and is an optional extra: only a plot pays for it
         from .report import write_report
 
         write_report(args.results, args.plot, _console(), common=args.common_problems)
     except ModuleNotFoundError as e:
         if e.name is None or e.name.partition(".")[0] != "matplotlib":
             raise
-        raise PonderError('ponder report draws with matplotlib, an optional extra: '
+        raise PonderError('ponder report --plot draws with matplotlib, an optional extra: '
                           'pip install "ponder[plot]"') from None
     except OSError as e:
         raise PonderError(f"{e.filename or args.plot}: {e.strerror}") from None

@@ -24,7 +24,7 @@ Z_95 = 1.959963984540054  # the standard normal quantile of 0.975
 
 # Strategies whose branches are N independent samples of the same prompt: only for these does a k-subset of the
 # branches stand for a run with k samples, so only these get pass@k / maj@k curves.
-INDEPENDENT_SAMPLE_STRATEGIES = frozenset({"sc"})
+INDEPENDENT_SAMPLE_STRATEGIES = frozenset({"sc", "pal"})
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:

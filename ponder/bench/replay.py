@@ -151,6 +151,9 @@ class ReplayEngine(FakeEngine):
         if params.top_logprobs:
             raise PonderError("a replay has no per-token confidences (the recording kept token logprobs only); "
                               "strategies and weightings that read them (deepconf, self-certainty) must run live")
+        if params.logprobs and not self.params.logprobs:
+            raise PonderError(f"{self.source} was recorded without log-probabilities; strategies and weightings "
+                              "that read them (logprob, rpc) need a recording made with --record-logprobs")
         return await super().extend(branch, params, stop_if)
 
     async def score(self, branch: Branch, continuation: str) -> float:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, PercentFormatter
 from rich.console import Console
 from rich.table import Table
 
@@ -139,8 +137,11 @@ def pareto_series(runs: Sequence[Run]) -> list[Series]:
     return series
 
 
-def plot_pareto(runs: Sequence[Run], path: str | Path) -> Figure:
+def plot_pareto(runs: Sequence[Run], path: str | Path):
     """Write the two-panel PNG of ``pareto_series(runs)`` to ``path``; return the figure (its axes hold the data)."""
+    from matplotlib.figure import Figure  # only plots need matplotlib (the `plot` extra)
+    from matplotlib.ticker import FuncFormatter, PercentFormatter
+
     datasets = sorted({run.header["dataset"]["name"] for run in runs})
     if len({run.header["dataset"]["sha256"] for run in runs}) > 1:
         raise PonderError(f"a Pareto plot compares runs on one dataset; these files cover different data "

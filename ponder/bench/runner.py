@@ -263,7 +263,7 @@ async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, c
     branches = []
     for i, summary in enumerate(result.branches):
         answer_class = class_of.get(i)
-        branches.append({**asdict(summary), "answer_class": answer_class,
+        branches.append({**summary.to_dict(), "answer_class": answer_class,
                          "correct": answer_class is not None and class_correct[answer_class]})
     return _record(
         problem, started, clock(), session, prediction=result.answer, correct=dataset.score(result.answer, problem),
@@ -271,6 +271,7 @@ async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, c
         answer_classes=[{"answer": rep, "size": len(classes.members[rep]), "correct": ok}
                         for rep, ok in zip(representatives, class_correct)],
         branches=branches, usage=result.usage.to_dict(),
+        **({"details": result.details} if result.details else {}),
     )
 
 
