@@ -2,7 +2,10 @@
 
 1. **Greedy, one stream**, on a few GSM8K questions: the tokens must be identical (asserted), and the speedup is
    the ratio of wall times. Target (issue 10): >= 1.5x.
-2. **Greedy, 8 branches** of one question (all verified in one target batch per step): aggregate tok/s.
+2. **Greedy, 8 branches** of one question (all verified in one target batch per step): aggregate tok/s, and how
+   many branches are token-for-token the target's own. Not asserted: llama.cpp's logits depend slightly on the
+   batch's shape, and the verify batch (8 x (k + 1) tokens) differs from plain decoding's (8 tokens), so a
+   near-tie (top-2 logits within ~0.05) can flip; the run prints the first differing position.
 3. **Sampled** (temperature 0.7), one stream and 8 branches: acceptance rate and tok/s (the output distribution is
    the target's, tested in tests/test_speculative_sampling.py).
 4. **What bounds it**: the time of one ``llama_decode`` of B tokens for B = 1, 2, 4, 8, 16 on each model. Speculative
@@ -86,22 +89,28 @@ def main() -> None:
         # alone and drafted alternate on the same input, so a burst of noise hurts both
         t_alone, tok_alone, _ = asyncio.run(generate(alone, question, n, params))
         t_spec, tok_spec, usage = asyncio.run(generate(drafted, question, n, params))
+        same = [a == b for a, b in zip(tok_alone, tok_spec)]
         if must_match:
-            assert tok_spec == tok_alone, f"{label}: speculative greedy output differs from the target's own"
+            assert all(same), f"{label}: speculative greedy output differs from the target's own"
+        first_difference = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                            for a, b in zip(tok_alone, tok_spec)]
         generated_alone, generated_spec = sum(map(len, tok_alone)), sum(map(len, tok_spec))
         row = {"run": label, "n": n, "alone_s": t_alone, "speculative_s": t_spec,
                "alone_tok_s": generated_alone / t_alone, "speculative_tok_s": generated_spec / t_spec,
                "speedup": (generated_spec / t_spec) / (generated_alone / t_alone),
                "drafted": usage.drafted_tokens, "accepted": usage.accepted_tokens,
-               "acceptance": usage.accepted_tokens / max(1, usage.drafted_tokens), "identical": tok_spec == tok_alone}
+               "acceptance": usage.accepted_tokens / max(1, usage.drafted_tokens),
+               "identical_branches": sum(same), "first_difference": first_difference}
         print(f"{label:<28} alone {row['alone_tok_s']:6.1f} tok/s | speculative {row['speculative_tok_s']:6.1f} "
               f"tok/s | speedup {row['speedup']:.2f}x | acceptance {row['acceptance']:.0%} "
-              f"({usage.accepted_tokens}/{usage.drafted_tokens}) | identical {row['identical']}", flush=True)
+              f"({usage.accepted_tokens}/{usage.drafted_tokens}) | identical {sum(same)}/{n}"
+              + ("" if all(same) or params.temperature else f" (first difference at token {first_difference})"),
+              flush=True)
         report["runs"].append(row)
         return row
 
     singles = [compare(f"greedy, 1 stream, q{i}", q, 1, greedy, True) for i, q in enumerate(questions)]
-    compare(f"greedy, {args.branches} branches", questions[0], args.branches, greedy, True)
+    compare(f"greedy, {args.branches} branches", questions[0], args.branches, greedy, False)
     compare("sampled 0.7, 1 stream", questions[0], 1, sampled, False)
     compare(f"sampled 0.7, {args.branches} branches", questions[0], args.branches, sampled, False)
     report["greedy_single_stream_speedup"] = statistics.median(r["speedup"] for r in singles)
