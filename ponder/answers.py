@@ -2,6 +2,12 @@
 
 Extraction is ours (the model's text -> one answer string); equivalence is math-verify's, so "1/2", "0.5" and
 "\\frac{1}{2}" count as one answer in a vote and as correct against a gold "\\frac{1}{2}".
+
+Reasoning models think inside ``<think>...</think>`` and answer after it. Once the thinking has closed, only what
+follows the last ``</think>`` is read: the candidates a model weighed while thinking are not its answer. The opening
+tag may be missing (templates such as DeepSeek-R1's put ``<think>`` in the prompt), so the closing tag alone decides.
+A trace that never closes (cut off while thinking) is read whole, like any other text: a ``\\boxed{}`` in it still
+counts, and for a cut-off trace the caller passes ``last_number=False`` as for any text cut short.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # around a reasoning model's thinking
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
@@ -35,10 +43,18 @@ def _boxed_contents(text: str) -> list[str]:
     return found
 
 
+def after_thinking(text: str) -> str:
+    """What follows the last ``</think>`` of ``text``; all of ``text`` when no thinking has closed in it."""
+    closed = text.rfind(THINK_CLOSE)
+    return text if closed < 0 else text[closed + len(THINK_CLOSE):]
+
+
 def extract_answer(text: str, *, last_number: bool = True) -> str | None:
-    """The final answer stated in ``text``, or None. Tried in order: the last ``\\boxed{}``, ``#### x``,
-    "the answer is x", and (if ``last_number``) the last number in the text. Pass ``last_number=False`` for a text
-    that was cut off: its last number is whatever the model was computing when it stopped, not an answer."""
+    """The final answer stated in ``text`` (after its thinking, see above), or None. Tried in order: the last
+    ``\\boxed{}``, ``#### x``, "the answer is x", and (if ``last_number``) the last number in the text. Pass
+    ``last_number=False`` for a text that was cut off: its last number is whatever the model was computing when it
+    stopped, not an answer."""
+    text = after_thinking(text)
     boxed = _boxed_contents(text)
     if boxed:
         return normalize(boxed[-1])

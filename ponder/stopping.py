@@ -1,25 +1,36 @@
 """Stopping rules: the reusable pieces that decide when a sampling strategy has seen enough.
 
-There are two places a strategy can stop, so there are two kinds of rule:
+There are three places a strategy can stop, so there are three kinds of rule:
 
 * **per-token rules** (``StopIf``: ``rule(branch) -> bool``) run after every generated token of a branch; True halts
   that branch at once. ``TokenBudget`` caps the request's generated tokens, ``ConfidenceFloor`` is DeepConf's
-  sliding-window confidence check. ``first_of`` combines several.
+  sliding-window confidence check, ``LoopCut`` halts a branch that repeats itself. ``first_of`` combines several.
 * **join rules** (``Rule``: ``rule(finished) -> bool``) look at the branches that have finished so far and say whether
   the outcome is settled, so that no more branches need to run and the running ones can be cancelled: ``FirstM``
   (short-m@k), ``LeaderStable`` (Adaptive-Consistency's Beta/Dirichlet rule) and ``MajorityShare`` (DeepConf's
   consensus).
+* **early exit** (``EarlyExit``, the ``early_exit`` option of the sampling strategies) ends one branch as soon as its
+  answer is already there. An answer probe asks the model for its answer so far, which takes engine calls (fork,
+  append, extend) that a synchronous per-token rule cannot make; so ``EarlyExit.extend`` replaces a branch's
+  ``extend``: it decodes the branch in chunks of ``every`` tokens and probes a fork of the branch at each chunk
+  boundary while the next chunk decodes, in the same batch as every other branch (see ``EarlyExit``). The probe
+  rules are ``AgreeingProbes`` (Dynasor-CoT / Certaindex) and ``ConvergingProbes`` (ES-CoT-style); ``LoopCut`` is a
+  per-token rule that ``EarlyExit`` applies and reports.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.special import betainc
 
-from .answers import vote
-from .engine.base import Branch, PonderError, StopIf, Usage
+from .answers import THINK_CLOSE, THINK_OPEN, equivalent, vote
+from .engine.base import Branch, PonderError, SamplingParams, StopIf, Usage
 from .result import BranchSummary
 
 Rule = Callable[[Sequence[Branch]], bool]
@@ -186,3 +197,352 @@ class MajorityShare:
         tally = ballot(voters, self.weigh)
         counted = sum(len(members) for members in tally.members.values())  # voters that stated an answer
         return counted >= 2 and tally.groups[tally.winner] / tally.total >= self.share
+
+
+# ---- early exit: answer probes (Dynasor-CoT, ES-CoT-style convergence) and the loop cut ---------------------------
+
+# Dynasor-CoT's probe (hao-ai-lab/Dynasor, dynasor/cot.py), appended to a fork of the branch right where its text
+# stops -- mid-sentence, inside the thinking of a reasoning model: the model completes the box with its answer so far.
+PROBE = "... Oh, I suddenly got the answer to the whole problem, **Final Answer**\n\n\\[ \\boxed{"
+# A probe reply holding one of these (lower-cased substring, as Dynasor matches them) is not a confident answer.
+HESITATION_WORDS = ("wait", "hold", "but", "okay", "no", "hmm")
+# What an early exit appends to the branch, so that its text states the probed answer (Dynasor's closing words).
+EXIT_WORDS = "\n\n... Oh, I have got the answer to the whole problem."
+FINAL_ANSWER = "**Final Answer:**\n\\[ \\boxed{{{answer}}} \\]"
+
+
+def probed_answer(reply: str) -> str | None:
+    """The answer in a probe's reply: its text up to the first ``}`` that closes no ``{`` of its own (the one closing
+    the probe's ``\\boxed{``), stripped; None when the reply never closes the box or the box is empty."""
+    depth = 0
+    for i, char in enumerate(reply):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            if depth == 0:
+                return reply[:i].strip() or None
+            depth -= 1
+    return None
+
+
+@dataclass
+class Probe:
+    """One probe of a branch: when it was taken and what the reply said."""
+
+    at: int  # tokens the branch had generated when it was probed
+    answer: str | None
+    hesitant: bool  # the reply holds a hesitation word
+
+    @classmethod
+    def of(cls, at: int, reply: str) -> Probe:
+        lowered = reply.lower()
+        return cls(at, probed_answer(reply), any(word in lowered for word in HESITATION_WORDS))
+
+    def to_dict(self) -> dict:
+        return {"at": self.at, "answer": self.answer, "hesitant": self.hesitant}
+
+
+class ProbeRule(ABC):
+    """How often a branch is probed and how long a reply may be (``every`` generated tokens, ``tokens`` tokens of
+    greedy reply), and when the probes so far settle the branch's answer."""
+
+    name: str  # as written in the early_exit option
+
+    def __init__(self, every: int = 32, tokens: int = 20):
+        if every < 1 or tokens < 1:
+            raise PonderError(f"{self.name}: every and tokens must be at least 1, got every={every}, tokens={tokens}")
+        self.every = every
+        self.tokens = tokens
+
+    @abstractmethod
+    def settled(self, probes: Sequence[Probe]) -> str | None:
+        """The answer to stop the branch with, given its probes in order, or None to go on."""
+
+
+class AgreeingProbes(ProbeRule):
+    """Dynasor-CoT's rule (Certaindex): stop once the last ``window`` probes all gave an answer, the same one (by
+    ``ponder.answers.equivalent``), and no reply among them hesitated. Dynasor's defaults are every 32 tokens (its
+    servers) or 64 (its effort levels) and a window of 2 to 8; ours are 32 and 3, to be tuned on dev data. (The
+    published ``should_early_exit`` helper of Dynasor returns True even when the answers disagree; this follows the
+    inline check of its ``cot.py``.)"""
+
+    name = "probe"
+
+    def __init__(self, every: int = 32, tokens: int = 20, window: int = 3):
+        super().__init__(every, tokens)
+        if window < 1:
+            raise PonderError(f"probe: window must be at least 1, got {window}")
+        self.window = window
+
+    def settled(self, probes: Sequence[Probe]) -> str | None:
+        last = probes[-self.window:]
+        if len(last) < self.window or any(p.answer is None or p.hesitant for p in last):
+            return None
+        answer = last[-1].answer
+        return answer if all(equivalent(p.answer, answer) for p in last[:-1]) else None
+
+
+class ConvergingProbes(ProbeRule):
+    """ES-CoT-style convergence (Mao et al., arXiv 2509.14004): stop when the current run of identical probe answers
+    is both long and a jump from how often the answer changed before it. The paper's exact test is not public; this is
+    our run-jump rule:
+
+    Let the last ``r`` probes give one answer (the current run) and the ``k`` probes before them have made ``c``
+    changes among the ``k`` transitions that lead up to the run (from each of them to the next; an empty answer is
+    never equal to anything, so it counts as a change). Under the null hypothesis that the answer changes at every
+    probe independently with probability ``p = (c + 1) / (k + 2)`` (the Laplace estimate from the history), a run at
+    least ``r`` long has probability ``(1 - p) ** (r - 1)``. Stop when that is at most ``alpha`` and ``r >= min_run``.
+    An answer that held from the first probe (``p = 1/2``) needs a run of 6 at ``alpha = 0.05``; after three quick
+    changes (``p = 4/5``) a run of 3 is enough. No hesitation words: ES-CoT has none. The defaults (``min_run=3``,
+    ``alpha=0.05``) are not tuned; they are to be chosen on dev data."""
+
+    name = "converge"
+
+    def __init__(self, every: int = 32, tokens: int = 20, min_run: int = 3, alpha: float = 0.05):
+        super().__init__(every, tokens)
+        if min_run < 1 or not 0.0 < alpha < 1.0:
+            raise PonderError(f"converge: min_run must be at least 1 and alpha in (0, 1), got min_run={min_run}, "
+                              f"alpha={alpha}")
+        self.min_run = min_run
+        self.alpha = alpha
+
+    def run_probability(self, answers: Sequence[str | None]) -> float | None:
+        """P(a run as long as the current one) under the null of the history before it; None without a run."""
+        answer = answers[-1] if answers else None
+        if answer is None:
+            return None
+        run = 1
+        while run < len(answers) and equivalent(answers[-run - 1], answer):
+            run += 1
+        history = answers[: len(answers) - run + 1]  # the probes before the run, and the run's first one
+        changes = sum(not equivalent(a, b) for a, b in zip(history, history[1:]))
+        change_p = (changes + 1) / (len(history) - 1 + 2)
+        return (1.0 - change_p) ** (run - 1) if run >= self.min_run else None
+
+    def settled(self, probes: Sequence[Probe]) -> str | None:
+        p = self.run_probability([probe.answer for probe in probes])
+        return probes[-1].answer if p is not None and p <= self.alpha else None
+
+
+class LoopCut:
+    """A per-token rule: halt a branch that has begun to repeat itself, instead of letting it burn tokens to
+    ``max_tokens``.
+
+    A branch loops when its text ends in ``repeats`` or more back-to-back copies of one block of at most ``longest``
+    characters, covering at least ``span`` characters. With the defaults: the last 192 characters are a block of up
+    to 64 characters three times over (or a shorter block more often: one character 192 times), or a longer block (a
+    sentence, up to 256 characters) three times over. Characters rather than tokens, so it works the same on the
+    remote engine, which never sees token ids. The text is checked each time it has grown by ``CHECK_EVERY``
+    characters (a loop only grows). A halted branch ends ``"halted"`` and abstains from the vote, like any branch a
+    rule cut short; ``cut`` records the block length that halted it.
+    """
+
+    name = "loop"
+    CHECK_EVERY = 16
+
+    def __init__(self, span: int = 192, repeats: int = 3, longest: int = 256):
+        if span < 2 or repeats < 2 or longest < 1:
+            raise PonderError(f"loop: span and repeats must be at least 2 and longest at least 1, got span={span}, "
+                              f"repeats={repeats}, longest={longest}")
+        self.span = span
+        self.repeats = repeats
+        self.longest = longest
+        self.cut: dict[Branch, int] = {}  # halted branch -> the length of the block it repeated
+        self._checked_at: dict[Branch, int] = {}  # branch -> its text length at the last check
+
+    def period(self, text: str) -> int | None:
+        """The length of the block that ``text`` ends by repeating (the shortest one), or None."""
+        for block in range(1, self.longest + 1):
+            stretch = max(self.span, self.repeats * block)
+            if stretch > len(text):
+                return None  # the stretch only grows with the block
+            # The stretch repeats with period ``block`` when it equals itself shifted by one block.
+            if text[-1 - block] == text[-1] and text[-stretch:-block] == text[-stretch + block:]:
+                return block
+        return None
+
+    def __call__(self, branch: Branch) -> bool:
+        text = branch.text
+        if len(text) - self._checked_at.get(branch, 0) < self.CHECK_EVERY:
+            return False
+        self._checked_at[branch] = len(text)
+        block = self.period(text)
+        if block is not None:
+            self.cut[branch] = block
+        return block is not None
+
+
+def _generated(branch: Branch) -> int:
+    return len(branch.tokens) - branch.appended_tokens
+
+
+def _thinking(branch: Branch) -> bool:
+    """Is the branch inside a ``<think>`` block that has not closed? The prompt counts where an engine keeps its text
+    (``prompt`` on the remote and fake engines, where a template such as DeepSeek-R1's opens the thinking in the
+    prompt); the in-process engine keeps token ids only, so there only a ``<think>`` the model wrote is seen."""
+    context = getattr(branch, "prompt", "") + branch.text
+    return context.rfind(THINK_OPEN) > context.rfind(THINK_CLOSE)
+
+
+def exit_text(branch: Branch, answer: str) -> str:
+    """What an early exit appends: Dynasor's closing words, the end of the thinking if the branch is thinking, and
+    the answer in a box, where ``extract_answer`` finds it."""
+    close = f"\n{THINK_CLOSE}\n\n" if _thinking(branch) else " "
+    return EXIT_WORDS + close + FINAL_ANSWER.format(answer=answer)
+
+
+class EarlyExit:
+    """The ``early_exit`` option: answer probes (``probe`` or ``converge``) and/or the loop cut (``loop``), applied to
+    every branch a strategy samples. ``extend(branch, params, stop_if)`` takes the place of ``branch.extend``.
+
+    Syntax: rules joined by ``+``, each optionally followed by ``:`` and ``key=value`` pairs joined by ``,`` --
+    ``probe``, ``loop``, ``probe+loop``, ``converge+loop``, ``probe:every=64,window=2+loop:span=256``. Parameters:
+    ``probe``: every (32), tokens (20), window (3); ``converge``: every (32), tokens (20), min_run (3), alpha (0.05);
+    ``loop``: span (192), repeats (3), longest (256). At most one probe rule.
+
+    With a probe rule a branch decodes in chunks of ``every`` tokens (``stop_if`` still applies within a chunk; the
+    first chunk uses ``params.seed``, later ones continue the branch's own random stream). At each chunk boundary a
+    fork of the branch gets ``PROBE`` appended and a greedy reply of at most ``tokens`` tokens, while the branch goes
+    on with its next chunk: probe and branch decode together, with every other branch of every request, and a probe
+    never holds up another branch. A chunk that ends before its probe waits for it. When the probes settle the
+    answer, the branch halts at its next token, ``exit_text`` is appended (closing the thinking of a reasoning model),
+    and the branch ends with ``finish_reason == "stop"``: it votes, with the probed answer; ``details`` marks it. A
+    branch that ends on its own first keeps its own end, and its probe in flight is released.
+
+    Accounting: a probe's appended text and reply count as ``probe_tokens`` of the request, not as prompt or generated
+    tokens (the probe's fork gets an account of its own, added to the request's when the probe ends); its fork adds
+    the branch's context to ``prompt_tokens_shared`` like any fork; the closing text appended to an exited branch
+    counts as prompt tokens, like any appended text. A token budget caps generated tokens only. Stop strings cannot be
+    watched across chunk boundaries, so a probe rule refuses them.
+    """
+
+    RULES = {rule.name: rule for rule in (AgreeingProbes, ConvergingProbes, LoopCut)}
+
+    def __init__(self, probes: ProbeRule | None = None, loop: LoopCut | None = None):
+        if probes is None and loop is None:
+            raise PonderError("early_exit needs a rule: " + ", ".join(self.RULES))
+        self.probes = probes
+        self.loop = loop
+        self._probed: dict[Branch, list[Probe]] = {}
+        self._exited: set[Branch] = set()
+
+    @classmethod
+    def parse(cls, spec: str) -> EarlyExit:
+        """The early exit ``spec`` asks for (see the class docstring); a ``PonderError`` names what is wrong."""
+        rules = {}
+        for part in spec.split("+"):
+            name, _, arguments = part.strip().partition(":")
+            if name not in cls.RULES:
+                raise PonderError(f"unknown early_exit rule {name!r}; choose from: {', '.join(cls.RULES)} "
+                                  "(joined by +, e.g. probe+loop)")
+            rule = cls.RULES[name]
+            rules[name] = rule(**_rule_arguments(rule, arguments))
+        if "probe" in rules and "converge" in rules:
+            raise PonderError("early_exit takes one probe rule: probe or converge, not both")
+        return cls(rules.get("probe") or rules.get("converge"), rules.get("loop"))
+
+    def details(self, branch: Branch) -> dict | None:
+        """What early exit did to ``branch``: its probes, and ``exit`` (the rule that ended it) if one did."""
+        found: dict = {}
+        if branch in self._probed:
+            found["probes"] = [probe.to_dict() for probe in self._probed[branch]]
+        if branch in self._exited:
+            found["exit"] = self.probes.name
+        elif self.loop is not None and branch in self.loop.cut:
+            found.update(exit=self.loop.name, block_chars=self.loop.cut[branch])
+        return found or None
+
+    async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
+        """Extend ``branch`` as ``branch.extend(params, stop_if)`` does, with the early-exit rules."""
+        halt = first_of(self.loop, stop_if)
+        if self.probes is None:
+            return await branch.extend(params, halt)
+        if params.stop:
+            raise PonderError("answer probes decode in chunks and cannot watch stop strings; use early_exit=loop "
+                              "with stop strings")
+        return await self._extend_probed(branch, params, halt)
+
+    async def _extend_probed(self, branch: Branch, params: SamplingParams, halt: StopIf | None) -> Branch:
+        probes = self._probed.setdefault(branch, [])
+        settled: list[str] = []  # the answer, once the probes have settled it
+        chunk_halt = first_of(halt, lambda _: bool(settled))  # settling halts the branch at its next token
+        start = _generated(branch)
+        seed = params.seed
+        in_flight: tuple[Branch, asyncio.Task] | None = None  # the probe of the last boundary: its fork and task
+        try:
+            while True:
+                left = params.max_tokens - (_generated(branch) - start)
+                await branch.extend(replace(params, max_tokens=min(self.probes.every, left), seed=seed), chunk_halt)
+                seed = None
+                full_chunk = branch.finish_reason == "length" or (branch.finish_reason == "halted" and settled)
+                if in_flight is not None:
+                    fork, probing = in_flight
+                    in_flight = None
+                    if not full_chunk:
+                        fork.release()  # the branch ended (or was halted or cancelled): its probe is of no use
+                    await probing
+                if branch.released:
+                    branch.finish_reason = "cancelled"
+                    return branch
+                if settled and full_chunk:
+                    await branch.append(exit_text(branch, settled[0]))
+                    branch.finish_reason = "stop"
+                    self._exited.add(branch)
+                    return branch
+                if branch.finish_reason != "length" or _generated(branch) - start >= params.max_tokens:
+                    return branch
+                try:
+                    (fork,) = await branch.fork(1)
+                except PonderError:
+                    if not branch.released:
+                        raise
+                    branch.finish_reason = "cancelled"  # released while the fork waited for a sequence
+                    return branch
+                probe = self._probe(branch, fork, _generated(branch), probes, settled)
+                in_flight = fork, asyncio.create_task(probe)
+        finally:
+            if in_flight is not None:  # an error or a cancellation: the probe's extend ends at the next step
+                in_flight[0].release()
+
+    async def _probe(self, branch: Branch, fork: Branch, at: int, probes: list[Probe], settled: list[str]) -> None:
+        """Probe ``fork`` (a fork of ``branch`` after ``at`` generated tokens), record the probe, and settle the
+        branch's answer in ``settled`` once the rule says so. The fork is released at the end."""
+        own = Usage()
+        fork.usage = own  # counted apart, and added to the request's probe_tokens below
+        try:
+            await fork.append(PROBE)
+            reply_start = len(fork.text)
+            await fork.extend(SamplingParams(temperature=0.0, max_tokens=self.probes.tokens))
+        except PonderError:
+            if not fork.released:
+                raise
+            return  # the branch ended first and released its probe
+        finally:
+            fork.release()
+            spent = own.prompt_tokens + own.generated_tokens
+            if spent:
+                branch.usage.add("probe_tokens", spent, fork.model)
+        if fork.finish_reason == "cancelled":
+            return
+        probes.append(Probe.of(at, fork.text[reply_start:]))
+        answer = self.probes.settled(probes)
+        if answer is not None and not settled:
+            settled.append(answer)
+
+
+def _rule_arguments(rule: type, text: str) -> dict:
+    """``"every=64,window=2"`` -> ``{"every": 64, "window": 2}``, checked against the parameters of ``rule``."""
+    accepted = {name: p.annotation for name, p in inspect.signature(rule).parameters.items()}
+    arguments = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or key not in accepted:
+            raise PonderError(f"early_exit {rule.name}: expected KEY=VALUE with KEY one of {', '.join(accepted)}, "
+                              f"got {pair!r}")
+        kind = int if accepted[key] == "int" else float
+        try:
+            arguments[key] = kind(value)
+        except ValueError:
+            raise PonderError(f"early_exit {rule.name}: {key} must be {'a whole number' if kind is int else 'a number'}"
+                              f", got {value!r}") from None
+    return arguments

@@ -87,7 +87,7 @@ class SamplingParams:
 
 
 COUNTERS = ("prompt_tokens", "prompt_tokens_shared", "generated_tokens", "scored_tokens", "drafted_tokens",
-            "accepted_tokens")
+            "accepted_tokens", "probe_tokens")
 
 
 @dataclass
@@ -99,8 +99,10 @@ class Usage:
     ``generated_tokens`` counts every sampled token of every branch, cancelled ones included (that is the honest
     cost); ``scored_tokens`` counts tokens fed by ``score``; ``drafted_tokens`` and ``accepted_tokens`` count the
     draft model's proposals under speculative decoding and how many of them the target kept (the accepted ones are
-    also in ``generated_tokens``, on the target model). The fields are totals over every model; ``models`` holds the
-    same counters per model name, and ``stages`` wall seconds per named stage (``"sandbox"``, ...).
+    also in ``generated_tokens``, on the target model); ``probe_tokens`` counts the answer probes of early exit
+    (``ponder.stopping.EarlyExit``): the probe text appended to a fork and the probe's reply, in no other counter.
+    The fields are totals over every model; ``models`` holds the same counters per model name, and ``stages`` wall
+    seconds per named stage (``"sandbox"``, ...).
     """
 
     prompt_tokens: int = 0
@@ -109,6 +111,7 @@ class Usage:
     scored_tokens: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    probe_tokens: int = 0
     wall_s: float = 0.0
     models: dict[str, dict[str, int]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)

@@ -10,6 +10,9 @@ Options:
   step       branches added per later wave (default 2)
   threshold  probability that the leader stays the leader (default 0.95)
   rule       ``beta`` (the two leading answers, exact; default) or ``dirichlet`` (all answers, Monte Carlo)
+  early_exit end single branches early: ``probe`` (answer probes), ``converge`` (probes, run-length rule),
+             ``loop`` (loop cut) or ``probe+loop``, with parameters such as ``probe:every=64,window=2`` (see
+             ``ponder.stopping.EarlyExit``; default: off)
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ from .pool import Pool, run_config
 
 async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, init: int = 4, step: int = 2,
-              threshold: float = 0.95, rule: str = "beta") -> Result:
+              threshold: float = 0.95, rule: str = "beta", early_exit: str | None = None) -> Result:
     if step < 1:
         raise PonderError(f"step must be at least 1, got {step}")
     settled = LeaderStable(threshold, rule)
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
         await pool.sample(params, first=min(init, n), then=step, limit=n, until=settled)
         config = run_config(n=n, params=params, seed=seed, budget=budget, init=init, step=step,
-                            threshold=threshold, rule=rule)
+                            threshold=threshold, rule=rule, early_exit=early_exit)
         return pool.result("adaptive", config)

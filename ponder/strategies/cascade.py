@@ -15,6 +15,8 @@ Options:
   m      on escalation: 1 = the large model's greedy answer (default), more = self-consistency over m samples
   small  the small model (default qwen2.5-0.5b)
   large  the large model (default qwen2.5-1.5b)
+  early_exit  end single branches of both models early: ``probe``, ``converge``, ``loop`` or ``probe+loop``, with
+         parameters such as ``probe:every=64,window=2`` (see ``ponder.stopping.EarlyExit``; default: off)
 """
 
 from __future__ import annotations
@@ -23,37 +25,39 @@ import time
 from dataclasses import replace
 
 from ..engine.base import Engine, PonderError, SamplingParams, Usage
-from ..result import BranchSummary, Result
+from ..result import Result
 from ..stopping import ballot
 from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, k: int = 4, tau: float = 0.75, m: int = 1,
-              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b") -> Result:
+              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b", early_exit: str | None = None) -> Result:
     if k < 1 or m < 1:
         raise PonderError(f"k and m must be at least 1, got k={k}, m={m}")
     if not 0.0 < tau <= 1.0:
         raise PonderError(f"tau must be in (0, 1], got {tau}")
     start = time.perf_counter()
     usage = Usage()  # one account for both pools, so the budget caps both models together
-    async with Pool(engine, question, seed=seed, budget=budget, model=small, usage=usage) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, model=small, usage=usage,
+                    early_exit=early_exit) as pool:
         small_votes = ballot(await pool.sample(params, first=k))
-    small_branches = pool.branches
+    summaries = [pool.summary(b) for b in pool.branches]  # the small model's branches, then the large one's
     leader = small_votes.winner
     share = small_votes.groups[leader] / k if leader is not None else 0.0
     escalated = share < tau
-    deciding, large_branches = small_votes, []
+    deciding = small_votes
     if escalated:
         large_params = replace(params, temperature=0.0) if m == 1 else params
         # Seeds continue after the small model's, so no large sample repeats a small one's random stream.
         large_seed = None if seed is None else seed + k
-        async with Pool(engine, question, seed=large_seed, budget=budget, model=large, usage=usage) as pool:
+        async with Pool(engine, question, seed=large_seed, budget=budget, model=large, usage=usage,
+                        early_exit=early_exit) as pool:
             deciding = ballot(await pool.sample(large_params, first=m))
-        large_branches = pool.branches
+        summaries += [pool.summary(b) for b in pool.branches]
     usage.wall_s = time.perf_counter() - start
-    summaries = [BranchSummary.of(b) for b in small_branches + large_branches]
-    config = run_config(n=n, params=params, seed=seed, budget=budget, k=k, tau=tau, m=m, small=small, large=large)
+    config = run_config(n=n, params=params, seed=seed, budget=budget, k=k, tau=tau, m=m, small=small, large=large,
+                        early_exit=early_exit)
     result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", config)
     result.details = {"escalated": escalated, "small_answer": leader, "small_share": round(share, 4)}
     return result

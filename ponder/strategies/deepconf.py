@@ -18,6 +18,9 @@ Options:
   step       online: traces started per later wave (default 2)
   consensus  online: weighted vote share of the leader that stops sampling (default 0.95)
   metric     offline: ``lowest-group`` (default) or ``tail``
+  early_exit end single branches early: ``probe`` (answer probes), ``converge`` (probes, run-length rule),
+             ``loop`` (loop cut) or ``probe+loop``, with parameters such as ``probe:every=64,window=2`` (see
+             ``ponder.stopping.EarlyExit``; default: off)
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def trace_confidence(branch: Branch, window: int, metric: str = "lowest-group") 
 async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, mode: str = "online", keep: float = 90.0,
               window: int = 32, warmup: int = 4, step: int = 2, consensus: float = 0.95,
-              metric: str = "lowest-group") -> Result:
+              metric: str = "lowest-group", early_exit: str | None = None) -> Result:
     if mode not in MODES:
         raise PonderError(f"unknown deepconf mode {mode!r}; choose one of: {', '.join(MODES)}")
     if metric not in METRICS:
@@ -58,8 +61,9 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
     if window < 1 or step < 1:
         raise PonderError(f"window and step must be at least 1, got window={window}, step={step}")
     params = replace(params, top_logprobs=max(params.top_logprobs, CONFIDENCE_TOP_K))  # fills branch.confidences
-    config = run_config(n=n, params=params, seed=seed, budget=budget, mode=mode, keep=keep, window=window)
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    config = run_config(n=n, params=params, seed=seed, budget=budget, mode=mode, keep=keep, window=window,
+                        early_exit=early_exit)
+    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
         if mode == "offline":
             traces = await pool.sample(params, first=n)
             confidence = {b: trace_confidence(b, window, metric) for b in traces}

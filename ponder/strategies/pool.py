@@ -10,6 +10,10 @@ lives here, and a strategy reads as its algorithm::
 
 Branch ``i`` of a run (counting across ``sample`` calls) samples with seed ``seed + i``, so an early-stopping
 strategy's first k branches are exactly self-consistency's first k: their accuracy and token counts compare directly.
+
+``early_exit`` (a strategy option passed through to the pool) ends single branches early -- answer probes, the loop
+cut; see ``ponder.stopping.EarlyExit`` -- for every branch the pool samples; the result's branch details say what it
+did to each branch.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..answers import vote
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..prompts import math_messages
 from ..result import BranchSummary, Result
-from ..stopping import Rule, TokenBudget, first_of
+from ..stopping import EarlyExit, Rule, TokenBudget, first_of
 
 # Branches that ended on their own vote; "halted" and "cancelled" ones were cut short and abstain.
 ENDED_ON_THEIR_OWN = ("stop", "length")
@@ -40,11 +44,14 @@ class Pool:
     it on another model of the engine (default: the engine's own); pools that pass the same ``usage`` share one
     account -- a strategy that mixes prompts or models reports one usage. ``budget`` is a token count, or another
     pool's ``TokenBudget`` for pools that run at the same time: then they also share its usage and its reservations,
-    so that together they never overshoot it."""
+    so that together they never overshoot it. ``early_exit`` is the strategy option of that name (e.g.
+    ``"probe+loop"``), applied to every branch."""
 
     def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | TokenBudget | None,
-                 messages: Sequence[Message] | None = None, model: str | None = None, usage: Usage | None = None):
+                 messages: Sequence[Message] | None = None, model: str | None = None, usage: Usage | None = None,
+                 early_exit: str | None = None):
         self.engine = engine
+        self.early_exit = EarlyExit.parse(early_exit) if early_exit else None
         self.question = question
         self.messages = list(messages) if messages is not None else math_messages(question)
         self.model = model
@@ -105,7 +112,7 @@ class Pool:
                 if not self.budget.reserve(branch):  # tokens generated while forking may have used the room
                     branch.release()
                     continue
-                task = asyncio.create_task(branch.extend(self._seeded(params), halt))
+                task = asyncio.create_task(self._extend(branch, self._seeded(params), halt))
                 order[task] = len(self.branches)
                 running[task] = branch
                 self.branches.append(branch)
@@ -150,6 +157,11 @@ class Pool:
                 self.budget.release(branch)
         return finished
 
+    def _extend(self, branch: Branch, params: SamplingParams, halt: StopIf | None) -> Awaitable[Branch]:
+        if self.early_exit is not None:
+            return self.early_exit.extend(branch, params, halt)
+        return branch.extend(params, halt)
+
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         return replace(params, seed=None if self.seed is None else self.seed + len(self.branches))
 
@@ -159,8 +171,16 @@ class Pool:
         """Vote on the answers of ``voters`` (default: every branch that ended on its own), weighted by ``weights``,
         and report every branch of the run with the full usage. ``summarize`` reads a branch for the report and the
         vote (default: the answer its text states)."""
-        summaries = {b: summarize(b) for b in self.branches}
+        summaries = {b: self.summary(b, summarize) for b in self.branches}
         voters = self.finished if voters is None else voters
         ballot = vote([summaries[b].answer for b in voters], None if weights is None else list(weights))
         self.usage.wall_s = time.perf_counter() - self._start
         return Result.from_vote(ballot, list(summaries.values()), self.usage, self.engine.model, strategy, config)
+
+    def summary(self, branch: Branch, summarize: Callable[[Branch], BranchSummary] = BranchSummary.of) -> BranchSummary:
+        """``summarize(branch)``, with what early exit did to the branch in its details (``early_exit``)."""
+        summary = summarize(branch)
+        exited = self.early_exit.details(branch) if self.early_exit is not None else None
+        if exited is not None:
+            summary.details = {**(summary.details or {}), "early_exit": exited}
+        return summary

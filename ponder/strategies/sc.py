@@ -3,6 +3,9 @@
 Options:
   weighting  how each answer counts: ``majority`` (default), ``logprob``, ``self-certainty`` or ``rpc``
              (see ``ponder.strategies.weights``).
+  early_exit end single branches early: ``probe`` (answer probes), ``converge`` (probes, run-length rule),
+             ``loop`` (loop cut) or ``probe+loop``, with parameters such as ``probe:every=64,window=2`` (see
+             ``ponder.stopping.EarlyExit``; default: off)
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from .weights import get_weighting
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, weighting: str = "majority") -> Result:
+              seed: int | None = None, budget: int | None = None, weighting: str = "majority",
+              early_exit: str | None = None) -> Result:
     scheme = get_weighting(weighting)
     params = scheme.sampling(params)
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
         finished = await pool.sample(params, first=n)
-        config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting)
+        config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting,
+                            early_exit=early_exit)
         return pool.result("sc", config, finished, scheme.weigh(finished))
