@@ -50,3 +50,24 @@ def test_vote_weights_and_ties():
 def test_a_cut_off_text_has_no_last_number_answer():
     assert extract_answer("First, 3. Then we compute 4", last_number=False) is None
     assert extract_answer("so \\boxed{4} and then 5", last_number=False) == "4"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # A closed thinking block is not read: the answer is what follows it.
+    ("<think>maybe \\boxed{3}? no.</think>\n\nThe answer is \\boxed{5}.", "5"),
+    ("<think>12 + 30 = 42</think>\n\nSo the total is 41.", "41"),
+    # DeepSeek-R1's template opens the thinking in the prompt: the closing tag alone ends it.
+    ("Let me compute 6 * 7 = 42. Hmm, \\boxed{41}?\n</think>\n\n**Final Answer:** \\boxed{42}", "42"),
+    ("<think>first</think> \\boxed{1} <think>second</think> \\boxed{2}", "2"),
+    # Thinking that closed with nothing after it states no answer, whatever it weighed.
+    ("<think>it is \\boxed{3}, or 4</think>", None),
+    # A trace that never closes is read whole.
+    ("<think>so far \\boxed{3} and then", "3"),
+])
+def test_an_answer_after_the_thinking(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_an_unclosed_trace_cut_off_has_no_last_number_answer():
+    assert extract_answer("<think>we need 3 * 4 = 12", last_number=False) is None
+    assert extract_answer("<think>we need 3 * 4 = 12") == "12"
