@@ -306,22 +306,18 @@ class ConvergingProbes(ProbeRule):
         self.min_run = min_run
         self.alpha = alpha
 
-    def run_probability(self, answers: Sequence[str | None]) -> float | None:
-        """P(a run as long as the current one) under the null of the history before it; None without a run."""
+    def settled(self, probes: Sequence[Probe]) -> str | None:
+        answers = [probe.answer for probe in probes]
         answer = answers[-1] if answers else None
         if answer is None:
             return None
         run = 1
         while run < len(answers) and equivalent(answers[-run - 1], answer):
             run += 1
-        history = answers[: len(answers) - run + 1]  # the probes before the run, and the run's first one
-        changes = sum(not equivalent(a, b) for a, b in zip(history, history[1:]))
-        change_p = (changes + 1) / (len(history) - 1 + 2)
-        return (1.0 - change_p) ** (run - 1) if run >= self.min_run else None
-
-    def settled(self, probes: Sequence[Probe]) -> str | None:
-        p = self.run_probability([probe.answer for probe in probes])
-        return probes[-1].answer if p is not None and p <= self.alpha else None
+        before = len(answers) - run  # probes before the run, each followed by one transition
+        changes = sum(not equivalent(a, b) for a, b in zip(answers[:before], answers[1:before + 1]))
+        change_p = (changes + 1) / (before + 2)
+        return answer if run >= self.min_run and (1.0 - change_p) ** (run - 1) <= self.alpha else None
 
 
 class LoopCut:
@@ -401,7 +397,10 @@ class EarlyExit:
     ``loop``: span (192), repeats (3), longest (256). At most one probe rule.
 
     With a probe rule a branch decodes in chunks of ``every`` tokens (``stop_if`` still applies within a chunk; the
-    first chunk uses ``params.seed``, later ones continue the branch's own random stream). At each chunk boundary a
+    first chunk uses ``params.seed``, later ones continue the branch's own random stream -- so on the in-process
+    engine an exited branch's text is a prefix of what it would have written without probes, up to the numerics of
+    another batch shape; on a remote server
+    later chunks are unseeded requests). At each chunk boundary a
     fork of the branch gets ``PROBE`` appended and a greedy reply of at most ``tokens`` tokens, while the branch goes
     on with its next chunk: probe and branch decode together, with every other branch of every request, and a probe
     never holds up another branch. A chunk that ends before its probe waits for it. When the probes settle the
