@@ -30,7 +30,7 @@ import numpy as np
 from scipy.special import betainc
 
 from .answers import THINK_CLOSE, THINK_OPEN, equivalent, vote
-from .engine.base import Branch, PonderError, SamplingParams, StopIf, Usage
+from .engine.base import Branch, PonderError, PromptTooLongError, SamplingParams, StopIf, Usage
 from .result import BranchSummary
 
 Rule = Callable[[Sequence[Branch]], bool]
@@ -397,22 +397,23 @@ class EarlyExit:
     ``loop``: span (192), repeats (3), longest (256). At most one probe rule.
 
     With a probe rule a branch decodes in chunks of ``every`` tokens (``stop_if`` still applies within a chunk; the
-    first chunk uses ``params.seed``, later ones continue the branch's own random stream -- so on the in-process
-    engine an exited branch's text is a prefix of what it would have written without probes, up to the numerics of
-    another batch shape; on a remote server
-    later chunks are unseeded requests). At each chunk boundary a
-    fork of the branch gets ``PROBE`` appended and a greedy reply of at most ``tokens`` tokens, while the branch goes
-    on with its next chunk: probe and branch decode together, with every other branch of every request, and a probe
-    never holds up another branch. A chunk that ends before its probe waits for it. When the probes settle the
-    answer, the branch halts at its next token, ``exit_text`` is appended (closing the thinking of a reasoning model),
-    and the branch ends with ``finish_reason == "stop"``: it votes, with the probed answer; ``details`` marks it. A
-    branch that ends on its own first keeps its own end, and its probe in flight is released.
+    first chunk uses ``params.seed``, later ones continue the branch's own random stream -- so on the in-process engine
+    an exited branch's text is a prefix of what it would have written without probes, up to the numerics of another
+    batch shape; on a remote server later chunks are unseeded requests). At each chunk boundary a fork of the branch
+    gets ``PROBE`` appended and a greedy reply of at most ``tokens`` tokens, while the branch goes on with its next
+    chunk: probe and branch decode together, with every other branch of every request, and a probe never holds up
+    another branch. A chunk that ends before its probe waits for it. When the probes settle the answer, the branch halts
+    at its next token, ``exit_text`` is appended (closing the thinking of a reasoning model), and the branch ends with
+    ``finish_reason == "stop"``: it votes, with the probed answer; ``details`` marks it. A branch that ends on its own
+    first keeps its own end, and its probe in flight is released.
 
     Accounting: a probe's appended text and reply count as ``probe_tokens`` of the request, not as prompt or generated
     tokens (the probe's fork gets an account of its own, added to the request's when the probe ends); its fork adds
     the branch's context to ``prompt_tokens_shared`` like any fork; the closing text appended to an exited branch
     counts as prompt tokens, like any appended text. A token budget caps generated tokens only. Stop strings cannot be
-    watched across chunk boundaries, so a probe rule refuses them.
+    watched across chunk boundaries, so a probe rule refuses them. On the in-process engine each chunk is admitted
+    with the KV cells it may write, so under KV pressure a branch can wait between chunks where a single extend
+    would have reserved its cells up front; keep n_ctx above branches x max_tokens of the requests in flight.
     """
 
     RULES = {rule.name: rule for rule in (AgreeingProbes, ConvergingProbes, LoopCut)}
@@ -512,6 +513,8 @@ class EarlyExit:
             await fork.append(PROBE)
             reply_start = len(fork.text)
             await fork.extend(SamplingParams(temperature=0.0, max_tokens=self.probes.tokens))
+        except PromptTooLongError:
+            return  # no room for a probe at the end of the context: the branch goes on unprobed
         except PonderError:
             if not fork.released:
                 raise

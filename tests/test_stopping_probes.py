@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from ponder.answers import extract_answer
-from ponder.engine.base import PonderError, SamplingParams, Usage
+from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, Usage
 from ponder.engine.fake import FakeEngine, Script, fake_tokens
 from ponder.stopping import (PROBE, AgreeingProbes, ConvergingProbes, EarlyExit, LoopCut, Probe, probed_answer)
 from ponder.strategies import adaptive, cascade, deepconf, sc
@@ -144,6 +144,19 @@ def test_an_exit_inside_the_thinking_closes_it():
     assert extract_answer(thinking.text) == "72"
     closed, _ = asyncio.run(go("Q <think> earlier thoughts </think>"))
     assert "</think>" not in closed.text
+
+
+def test_a_probe_that_does_not_fit_in_the_context_is_skipped():
+    class FullContext(ProbedFake):
+        async def append(self, branch, text):
+            if text == PROBE:
+                raise PromptTooLongError("appending the probe does not fit")
+            return await super().append(branch, text)
+
+    engine = FullContext([words(30, " \\boxed{5}")], reply=lambda text: "1}")
+    (branch,) = run_sc(engine, early_exit="probe:every=10").branches
+    assert branch.answer == "5" and branch.details["early_exit"]["probes"] == []
+    assert engine.stats().live_branches == 0
 
 
 def test_probes_refuse_stop_strings():
