@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .answers import _boxed_contents, extract_answer
-from .engine.base import Branch, PonderError, SamplingParams, Usage
+from .engine.base import Branch, PonderError, SamplingParams, StopIf, Usage
 from .result import BranchSummary
 
 DELIMITER = "\n\n"
@@ -37,10 +37,12 @@ def states_answer(text: str) -> bool:
     return bool(_boxed_contents(text))
 
 
-async def extend_step(branch: Branch, params: SamplingParams, *, cap: int, delimiter: str = DELIMITER) -> Step:
-    """Let ``branch`` write one step of at most ``cap`` tokens, sampled with ``params``."""
+async def extend_step(branch: Branch, params: SamplingParams, *, cap: int, delimiter: str = DELIMITER,
+                      stop_if: StopIf | None = None) -> Step:
+    """Let ``branch`` write one step of at most ``cap`` tokens, sampled with ``params``; ``stop_if`` halts it mid-step
+    (e.g. a ``TokenBudget`` shared by steps written at the same time)."""
     start_text, start_tokens = len(branch.text), len(branch.tokens)
-    await branch.extend(replace(params, stop=(*params.stop, delimiter), max_tokens=cap))
+    await branch.extend(replace(params, stop=(*params.stop, delimiter), max_tokens=cap), stop_if)
     text = branch.text[start_text:]
     at_delimiter = branch.finish_reason == "stop" and branch.matched_stop == delimiter
     return Step(text, len(branch.tokens) - start_tokens, finished=not at_delimiter or states_answer(text))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..engine.base import PonderError
 from . import adaptive, bon, deepconf, greedy, mix, pal, sc, short_mk
 from . import cascade, glimprouter, specreason  # two models: a small and a large one
+from . import astar, beam, dvts, particles  # step-level search
 
 STRATEGIES = {
     "greedy": greedy.run,
@@ -20,7 +21,13 @@ STRATEGIES = {
     "cascade": cascade.run,
     "specreason": specreason.run,
     "glimprouter": glimprouter.run,
+    "beam": beam.run,
+    "dvts": dvts.run,
+    "particles": particles.run,
+    "astar": astar.run,
 }
+
+SEARCHES = ("beam", "dvts", "particles", "astar")  # they record the search tree (ponder ask --tree)
 
 DESCRIPTIONS = {
     "greedy": "one branch at temperature 0",
@@ -35,6 +42,10 @@ DESCRIPTIONS = {
     "cascade": "the small model samples k answers; below tau agreement the question escalates to the large model",
     "specreason": "the small model drafts each step, the large one scores it (0-9) and rewrites low-scored steps",
     "glimprouter": "per step, the small model's first-token entropy decides which model writes the step",
+    "beam": "beam search over steps: n // m beams, m scored candidate steps each, the best kept",
+    "dvts": "diverse verifier tree search: n // m independent subtrees, each keeps its best scored step",
+    "particles": "particle filtering: n partial solutions, resampled by their step scores after every step",
+    "astar": "A*-decoding: best-first over partial solutions by step cost + (1 - score), n steps per expansion",
 }
 
 
