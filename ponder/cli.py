@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -66,6 +67,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     options = check_strategy_options(args.strategy, strategy_options(args.option))
     run = get_strategy(args.strategy)
+    if args.tree is not None:
+        _check_tree_request(args.strategy, args.tree)
     show = not args.json and err.is_terminal
     with err.status("loading model…") if show else _nothing():
         engine = engine_from_args(args)
@@ -75,12 +78,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
             f"{args.strategy} on {engine.model.name}", show))
     finally:
         engine.close()
+    if args.tree is not None:
+        from .tree import write
+
+        write(args.tree, result.details["tree"], f"{args.strategy} · answer: {result.answer} · {question}")
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         print(result.answer if result.answer is not None else "(no answer found)")
         err.print(summary_line(result), style="dim", highlight=False)
     return 0
+
+
+def _check_tree_request(strategy: str, path: Path) -> None:
+    """Before the model loads: ``--tree`` needs a search strategy and a file name it can write."""
+    from .strategies import SEARCHES
+    from .tree import check_path
+
+    if strategy not in SEARCHES:
+        raise PonderError(f"--tree draws a search tree, and strategy {strategy!r} has none; use one of: "
+                          f"{', '.join(SEARCHES)}")
+    check_path(path)
 
 
 class _nothing:
@@ -139,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(ask)
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, votes, branches, usage, "
                                                          "model) instead of the answer and a summary")
+    ask.add_argument("--tree", type=Path, metavar="FILE.html|FILE.svg",
+                     help="search strategies (beam, dvts, particles, astar): also write a picture of the search "
+                          "tree, scores as colour, the chosen path highlighted")
     ask.set_defaults(func=cmd_ask)
 
     models = sub.add_parser("models", help="list bundled models", description="List the bundled models: whether "
