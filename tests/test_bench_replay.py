@@ -148,3 +148,35 @@ def test_report_labels_a_replay_and_draws_it_hollow(tmp_path, recording):
     kinds = {s.label: s.kind for s in pareto_series(runs)}
     # the replayed sc is its own vote, a point: its maj@k curve would repeat the recording's
     assert kinds == {"sc n=6 weighting=majority maj@k": "curve", "sc n=6 weighting=logprob (replay)": "point"}
+
+
+def test_a_cascade_replays_the_small_models_samples_and_the_large_models_greedy_run(tmp_path, monkeypatch):
+    """Two recordings, one per model: the first four samples of the small model's sc run vote 7, 7, 18 and none
+    (7 holds 2 of 4 < 0.75), so every problem escalates to the large model, whose greedy run answered 18."""
+    small, large = tmp_path / "small-sc6.jsonl", tmp_path / "large-greedy.jsonl"
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: FakeEngine(SCRIPTS, name="small"))
+    assert ponder("bench", "--data", FIXTURE, "--n", "6", "--max-tokens", "32", "--out", str(small)) == 0
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: FakeEngine(["a b \\boxed{18}"], name="large"))
+    assert ponder("bench", "--data", FIXTURE, "--strategy", "greedy", "--n", "1", "--max-tokens", "32",
+                  "--out", str(large)) == 0
+    out = tmp_path / "cascade.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--max-tokens", "32", "--n", "4", "--strategy", "cascade",
+                  "--option", "small=small", "--option", "large=large", "--replay", str(small), "--replay",
+                  str(large), "--out", str(out)) == 0
+    header, records = read_results(out)
+    assert [other["model"] for other in header["replay"]["other_models"]] == ["large"]
+    for r in records:
+        assert r["prediction"] == "18" and r["details"]["escalated"]
+        assert r["usage"]["models"]["small"]["generated_tokens"] == sum(
+            b["generated_tokens"] for b in r["branches"][:4])
+        assert r["usage"]["models"]["large"]["generated_tokens"] == 3  # "a b \boxed{18}"
+
+
+def test_a_replayed_model_must_be_sampled_as_it_was_recorded(tmp_path, recording, monkeypatch):
+    # the large model's recording sampled at temperature 0.7: a cascade escalating greedily cannot be answered by it
+    large = tmp_path / "large-sc.jsonl"
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: FakeEngine(["\\boxed{18}"], name="large"))
+    assert ponder("bench", "--data", FIXTURE, "--n", "1", "--max-tokens", "32", "--out", str(large)) == 0
+    with pytest.raises(PonderError, match="otherwise than .* recorded: temperature 0.0"):
+        replay(tmp_path, recording, "--n", "4", "--strategy", "cascade", "--option", "small=fake",
+               "--option", "large=large", "--replay", str(large))

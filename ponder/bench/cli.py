@@ -48,10 +48,11 @@ def register(subparsers) -> None:
     run.add_argument("--concurrency", type=positive_int, default=1,
                      help="problems in flight at once; their branches share the engine's batch (default 1)")
     run.add_argument("--out", required=True, type=Path, help="the results file (JSONL) to create or resume")
-    run.add_argument("--replay", type=Path, metavar="RESULTS",
+    run.add_argument("--replay", type=Path, metavar="RESULTS", action="append",
                      help="instead of the model, play back the branches an sc run recorded in RESULTS (same --data, "
                           "sampling and seed): evaluates stopping rules and votes in seconds; not for what needs "
-                          "per-token confidences (deepconf, self-certainty) or verifier=self")
+                          "per-token confidences (deepconf, self-certainty) or verifier=self. Repeat it with another "
+                          "model's run (e.g. the 1.5B's greedy run) for strategies that open that model (cascade)")
     bench.set_defaults(func=bench_command)
 
     report = subparsers.add_parser(
@@ -117,7 +118,7 @@ def _replay_engine(args: argparse.Namespace, dataset, problems, config):
     engine.check(config.params, config.n, config.seed)
     missing = [p.id for p in problems if p.id not in engine.problems]
     if missing:
-        raise PonderError(f"{args.replay} has no recording of {len(missing)} of the selected problems "
+        raise PonderError(f"{args.replay[0]} has no recording of {len(missing)} of the selected problems "
                           f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); select the recorded ones "
                           "with --offset/--limit")
     return engine

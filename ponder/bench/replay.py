@@ -21,6 +21,11 @@ per generated token (its wall time over its generated tokens) for every token re
 problem" is then what its tokens would have taken at the recorded run's throughput -- the convention ``ponder report``
 uses for maj@k -- plus whatever really ran, such as a verifier: ``bon`` with ``verifier=program`` or a ``judge`` model
 replays the candidates and runs its verifier for real.
+
+Several models: ``--replay`` once per model. The first file is the default model's run; a strategy that opens another
+model (a cascade's large model) gets the branches of the file recorded with that model, checked against the sampling
+settings that file was recorded with (a greedy run answers a greedy escalation). A model that no file recorded (a
+judge) is loaded and runs for real.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.base import Branch, PonderError, SamplingParams, StopIf
+from typing import Sequence
+
+from ..engine import load_engine
+from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..engine.fake import FakeBranch, FakeEngine, Script
 from ..prompts import math_messages
 from .datasets import Dataset
@@ -74,8 +82,19 @@ class Recording:
     branches: list[dict]  # the recorded branch summaries, in creation order
 
 
-class ReplayEngine(FakeEngine):
-    def __init__(self, source: str | Path, dataset: Dataset):
+@dataclass
+class Recorded:
+    """One recorded run: its file, header, sampling settings and branches by prompt text."""
+
+    source: Path
+    header: dict
+    params: SamplingParams
+    n: int
+    recordings: dict[str, Recording]  # the prompt text ``open`` sees -> the problem's recording
+    seconds_per_token: float
+
+    @classmethod
+    def read(cls, source: str | Path, dataset: Dataset, prompt_text) -> Recorded:
         header, records = read_results(source)
         if not records:
             raise PonderError(f"{source} has no finished problems to replay")
@@ -83,82 +102,139 @@ class ReplayEngine(FakeEngine):
             raise PonderError(f"{source} was recorded on {header['dataset']['name']} "
                               f"(sha256 {header['dataset']['sha256'][:12]}…), not on {dataset.name}; replay it "
                               "with the same --data")
-        super().__init__([], name=header["model"]["name"])
-        self.model.path, self.model.sha256 = header["model"]["path"], header["model"]["sha256"]
-        self.source = Path(source)
-        self.header = header
-        self.recorded_n = header["config"]["n"]
-        recorded_params = header["config"]["params"]
-        self.params = SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])})
         cut_short = sorted({b["finish_reason"] for r in records for b in r["branches"]} - {"stop", "length"})
         if cut_short:
             raise PonderError(f"{source} has branches that did not end on their own ({', '.join(cut_short)}): "
-                              "replay a run that let every branch finish, such as sc")
+                              "replay a run that let every branch finish, such as sc or greedy")
+        recorded_params = header["config"]["params"]
+        if header["strategy"] == "greedy":  # the greedy strategy samples at temperature 0 whatever --temperature says
+            recorded_params = {**recorded_params, "temperature": 0.0}
         by_id = {r["id"]: r for r in records}
-        # The key is what ``open`` sees: the prompt text of the problem's question.
-        self._recordings = {
-            self._prompt_text(math_messages(p.question)):
-                Recording(p.id, by_id[p.id]["usage"]["prompt_tokens"], by_id[p.id]["branches"])
-            for p in dataset.problems if p.id in by_id}
-        self.problems = {r.problem for r in self._recordings.values()}
         recorded = summarize(header["strategy"], records)
-        self.seconds_per_token = recorded.wall_s / recorded.generated_tokens if recorded.generated_tokens else 0.0
+        return cls(
+            source=Path(source), header=header,
+            params=SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])}),
+            n=header["config"]["n"],
+            recordings={prompt_text(math_messages(p.question)):
+                        Recording(p.id, by_id[p.id]["usage"]["prompt_tokens"], by_id[p.id]["branches"])
+                        for p in dataset.problems if p.id in by_id},
+            seconds_per_token=recorded.wall_s / recorded.generated_tokens if recorded.generated_tokens else 0.0)
+
+    @property
+    def model(self) -> str:
+        return self.header["model"]["name"]
+
+    def differences(self, params: SamplingParams) -> list[str]:
+        return [f"{name} {getattr(params, name)!r} (recorded {getattr(self.params, name)!r})"
+                for name in vars(self.params) if name not in _RECORDING_ONLY
+                and getattr(params, name) != getattr(self.params, name)]
+
+
+class ReplayEngine(FakeEngine):
+    """Plays back ``sources``: the first is the default model's run; each further file is another model's run (a
+    strategy that opens ``model=NAME`` gets the branches of the file recorded with that model, e.g. the large model's
+    greedy run for a cascade's escalations)."""
+
+    def __init__(self, sources: str | Path | list[str | Path], dataset: Dataset):
+        sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+        runs = [Recorded.read(source, dataset, self._prompt_text) for source in sources]
+        self.runs = {}
+        for run in runs:
+            if run.model in self.runs:
+                raise PonderError(f"{self.runs[run.model].source} and {run.source} both recorded {run.model}; "
+                                  "give one recording per model")
+            self.runs[run.model] = run
+        default = runs[0]
+        super().__init__([], name=default.model, models={run.model: [] for run in runs[1:]})
+        self.model.path, self.model.sha256 = default.header["model"]["path"], default.header["model"]["sha256"]
+        self.source = default.source
+        self.header = default.header
+        self.recorded_n = default.n
+        self.params = default.params
+        self.problems = {r.problem for r in default.recordings.values()}
+        self._generated = {run.model: 0 for run in runs}  # tokens replayed per model, for the clock
         self._forked: dict[int, int] = {}  # id(root) -> recorded branches handed out so far
+        self._live_engine: Engine | None = None  # the models no file recorded (a judge), run for real
+
+    async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
+                   model: str | None = None) -> Branch:
+        if model is None or model in self.runs:
+            return await super().open(prompt, usage, model=model)
+        # A model without a recording runs for real; its branches belong to that engine from here on.
+        if self._live_engine is None:
+            self._live_engine = load_engine(model)
+        return await self._live_engine.open(prompt, usage, model=model)
+
+    def close(self) -> None:
+        if self._live_engine is not None:
+            self._live_engine.close()
 
     def description(self) -> dict:
-        """What the results header records about the replay (its identity: a replay of another file is another
+        """What the results header records about the replay (its identity: a replay of other files is another
         run)."""
-        return {"source": str(self.source), "sha256": hashlib.sha256(self.source.read_bytes()).hexdigest(),
-                "strategy": self.header["strategy"], "n": self.recorded_n,
-                "seconds_per_token": round(self.seconds_per_token, 6)}
+        described = [{"source": str(run.source), "sha256": hashlib.sha256(run.source.read_bytes()).hexdigest(),
+                      "model": run.model, "strategy": run.header["strategy"], "n": run.n,
+                      "seconds_per_token": round(run.seconds_per_token, 6)} for run in self.runs.values()]
+        return {**described[0], **({"other_models": described[1:]} if len(described) > 1 else {})}
 
     def check(self, params: SamplingParams, n: int, seed: int) -> None:
-        """Refuse a configuration the recording cannot answer, before any problem runs."""
+        """Refuse a configuration the default recording cannot answer, before any problem runs."""
         if seed != self.header["config"]["seed"]:
             raise PonderError(f"{self.source} was recorded with --seed {self.header['config']['seed']}; a replay "
                               f"samples as it did, so use that seed (got {seed})")
-        differ = [f"{name} {getattr(params, name)!r} (recorded {getattr(self.params, name)!r})"
-                  for name in vars(self.params) if name not in _RECORDING_ONLY
-                  and getattr(params, name) != getattr(self.params, name)]
+        differ = self.runs[self.model.name].differences(params)
         if differ:
             raise PonderError(f"a replay must sample as {self.source} did; these differ: {', '.join(differ)}")
         if n > self.recorded_n:
             raise PonderError(f"{self.source} recorded {self.recorded_n} branches per problem; --n {n} needs more")
 
     def now(self) -> float:
-        """The replay clock: real time plus the recorded run's time for every token replayed so far."""
-        return time.time() + self._counters.generated_tokens * self.seconds_per_token
+        """The replay clock: real time plus, for every token replayed so far, its model's recorded seconds per
+        token."""
+        return time.time() + sum(tokens * self.runs[model].seconds_per_token
+                                 for model, tokens in self._generated.items())
 
-    def _prompt_tokens(self, text: str) -> int:
-        recording = self._recordings.get(text)
+    def _prompt_tokens(self, text: str, model: str) -> int:
+        recording = self.runs[model].recordings.get(text)
         if recording is None:
-            raise PonderError(f"{self.source} has no recording of this prompt: a replay can only run the problems "
-                              "of the recorded run, and only strategies that sample answers (no verifier prompts)")
+            raise PonderError(f"{self.runs[model].source} has no recording of this prompt: a replay can only run the "
+                              "problems of the recorded run, and only strategies that sample answers (no verifier "
+                              "prompts)")
         return recording.prompt_tokens
 
     def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
-        recording = self._recordings[branch.prompt]
+        run = self.runs[branch.model]
+        recording = run.recordings[branch.prompt]
         start = self._forked.get(id(branch), 0)
         if start + n > len(recording.branches):
-            raise PonderError(f"problem {recording.problem}: the strategy asked for branch {start + n}, but "
-                              f"{self.source} recorded {len(recording.branches)}")
+            raise PonderError(f"problem {recording.problem}: the strategy asked for branch {start + n} of "
+                              f"{run.model}, but {run.source} recorded {len(recording.branches)}")
         self._forked[id(branch)] = start + n
         return [RecordedScript(b["text"], logprobs=[b["mean_logprob"] or 0.0] * b["generated_tokens"],
                                pieces=split_text(b["text"], b["generated_tokens"]))
                 for b in recording.branches[start:start + n]]
 
     async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
+        run = self.runs[branch.model]
         if params.top_logprobs:
             raise PonderError("a replay has no per-token confidences (the recording kept token logprobs only); "
                               "strategies and weightings that read them (deepconf, self-certainty) must run live")
-        if params.logprobs and not self.params.logprobs:
-            raise PonderError(f"{self.source} was recorded without log-probabilities; strategies and weightings "
+        if params.logprobs and not run.params.logprobs:
+            raise PonderError(f"{run.source} was recorded without log-probabilities; strategies and weightings "
                               "that read them (logprob, rpc) need a recording made with --record-logprobs")
-        return await super().extend(branch, params, stop_if)
+        differ = run.differences(params)
+        if differ:
+            raise PonderError(f"the strategy samples {run.model} otherwise than {run.source} recorded: "
+                              f"{', '.join(differ)}")
+        before = len(branch.tokens)
+        try:
+            return await super().extend(branch, params, stop_if)
+        finally:
+            self._generated[branch.model] += len(branch.tokens) - before
 
     async def score(self, branch: Branch, continuation: str) -> float:
-        raise PonderError("a replay cannot score text on the generating model (it is not loaded): run verifier=self "
-                          "live, or replay with verifier=program or a judge model")
+        raise PonderError("a replay cannot score text (no model is loaded): run verifiers that read a model "
+                          "(self, judge) live, or replay with verifier=program")
 
     def release(self, branch: Branch) -> None:
         super().release(branch)

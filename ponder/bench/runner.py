@@ -90,8 +90,15 @@ def _identity(header: dict) -> dict:
         "model": model["sha256"] or model["name"],  # a remote model has no file to hash
         "dataset sha256": header["dataset"]["sha256"],
         "scoring": header["scoring"],
-        "replay of": (header.get("replay") or {}).get("sha256"),
+        "replay of": _replayed(header.get("replay")),
     }
+
+
+def _replayed(replay: dict | None) -> list[str] | None:
+    """The hashes of the files a replay plays back (the default model's first)."""
+    if replay is None:
+        return None
+    return [replay["sha256"]] + [other["sha256"] for other in replay.get("other_models", [])]
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

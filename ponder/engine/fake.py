@@ -106,7 +106,7 @@ class FakeEngine(Engine):
         if model not in self.models:
             raise PonderError(f"the fake engine has no model {model!r} (it has: {', '.join(self.models)})")
         text = self._prompt_text(prompt)
-        n = self._prompt_tokens(text)
+        n = self._prompt_tokens(text, model)
         if n > self.kv_cells:
             raise PromptTooLongError(f"prompt has {n} tokens; the context holds {self.kv_cells}")
         usage = usage if usage is not None else Usage()
@@ -117,8 +117,8 @@ class FakeEngine(Engine):
         self._live.add(branch)
         return branch
 
-    def _prompt_tokens(self, text: str) -> int:
-        """How many tokens the prompt ``text`` counts as: one per word."""
+    def _prompt_tokens(self, text: str, model: str) -> int:
+        """How many tokens the prompt ``text`` counts as on ``model``: one per word."""
         return len(text.split())
 
     def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
