@@ -15,7 +15,8 @@ in for one:
   When the judge is the generating model itself, it reads the node's own branch and keeps nothing.
 * ``probe`` -- rollout-free: ``PROBES`` forks of the partial solution are told "The final answer is \\boxed{" and
   sample at most ``PROBE_TOKENS`` tokens until the box closes; the value is the share of the probes that agree on an
-  answer (a probe without an answer counts against). The forks are released at once.
+  answer (a probe without an answer counts against). The forks are released at once. Probes sample with the
+  search's temperature: at 0 they all agree.
 * ``logprob`` -- free: exp of the mean token log-probability of the last step (its geometric-mean token
   probability). The search samples with ``logprobs=True`` for it.
 
@@ -66,6 +67,7 @@ JUDGE_CONCURRENCY = 4
 PROBE = "The final answer is \\boxed{"
 PROBES = 4  # probes per partial solution
 PROBE_TOKENS = 16  # tokens per probe at most: an answer, not a derivation
+PROBE_SEEDS = 1 << 32  # probe i samples with seed + PROBE_SEEDS + i: apart from the search's steps (seed + j)
 
 NO_STEP_TOKENS = 0.5  # the logprob value of a step that sampled no token (the model ended at once): no evidence
 
@@ -181,7 +183,7 @@ class ProbeScorer(Scorer):
         await probe.append(PROBE)
         box = len(probe.text) - len("\\boxed{")
         sampled_before = len(probe.tokens)
-        seed = None if self.seed is None else self.seed + self._probes
+        seed = None if self.seed is None else self.seed + PROBE_SEEDS + self._probes
         self._probes += 1
         await probe.extend(replace(self.params, seed=seed), lambda b: states_answer(b.text[box:]))
         self.generated += len(probe.tokens) - sampled_before

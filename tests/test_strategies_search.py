@@ -41,7 +41,8 @@ def judge_by_last_step(values: dict[str, float], default: float = 0.5):
 
 
 def engine_of(scripts: list[str], values: dict[str, float] | None = None) -> FakeEngine:
-    return FakeEngine(scripts, name=GEN, models={JUDGE: FakeModel(["unused"], score_fn=judge_by_last_step(values or {}))})
+    judge = FakeModel(["unused"], score_fn=judge_by_last_step(values or {}))
+    return FakeEngine(scripts, name=GEN, models={JUDGE: judge})
 
 
 def run(strategy: str, engine: FakeEngine, *, n: int, seed: int = 0, **options):
