@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -229,7 +231,7 @@ def test_a_full_queue_answers_429(serve):
     wait_for(lambda: server.metrics()["ponder_requests_running"] == 1)
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     first.join()
-    assert response.status_code == 429
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "queue_full"
 
 
@@ -372,3 +374,33 @@ def test_an_engine_failure_is_a_500_not_the_clients_fault(serve):
                           json={"model": "fake", "messages": [{"role": "user", "content": QUESTION}]})
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error" and "secret" not in response.text
+
+
+# ---- optional extras --------------------------------------------------------------------------------------------------
+
+SERVER_PACKAGES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "openai")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_imports_neither_the_server_nor_the_remote_client():
+    shown = run_python("import sys; from ponder.cli import build_parser; build_parser(); "
+                       f"print(sorted(m for m in {SERVER_PACKAGES!r} if m in sys.modules))")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("missing, argv, extra", [
+    ("fastapi", ["serve"], "ponder[server]"),
+    ("uvicorn", ["serve"], "ponder[server]"),
+    ("openai", ["ask", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "What is 1 + 1?"],
+     "ponder[remote]"),
+])
+def test_a_missing_extra_is_a_one_line_error_naming_it(missing, argv, extra):
+    # None in sys.modules makes `import missing` fail as if the package were not installed.
+    ran = run_python(f"import sys; sys.modules[{missing!r}] = None; from ponder.cli import main; "
+                     f"sys.exit(main({argv!r}))")
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.count("\n") == 1 and f'pip install "{extra}"' in ran.stderr

@@ -48,6 +48,11 @@ class PromptTooLongError(PonderError):
     """The prompt (plus the tokens it asks for) can never fit in the engine's context."""
 
 
+class RemoteUnavailableError(PonderError):
+    """No configured remote server could be reached (the ponder server answers 503 for it). Defined here, not in the
+    remote engine's module, so that the server can tell it apart without importing the optional openai client."""
+
+
 @dataclass
 class SamplingParams:
     """How one ``Branch.extend`` call samples. ``temperature == 0`` means greedy."""

@@ -55,20 +55,23 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-import openai
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..prompts import CHAT_TEMPLATES
-from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
-                   StopIf, Usage)
+from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
+                   RemoteUnavailableError, SamplingParams, StopIf, Usage)
+
+try:
+    import openai
+except ModuleNotFoundError as e:  # the client is an optional extra: only --engine openai needs it
+    if e.name != "openai":
+        raise
+    raise PonderError('--engine openai needs the optional openai client: pip install "ponder[remote]"') from None
 
 DOWN_S = 10.0  # how long a server that failed to connect is skipped
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry waits: 0.5 s, 1 s, 2 s, ... at most 8 s (less up to 25 % jitter)
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # a prompt whose every token is predictable
 _CONTEXT_ERRORS = ("context length", "context window", "maximum context", "exceed_context", "too long")
-
-class RemoteUnavailableError(PonderError):
-    """No configured server could be reached (the ponder server answers 503 for it)."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from .schemas import ApiError
+from .schemas import RETRY_AFTER_S, ApiError
 
 
 class Admission:
@@ -24,7 +24,8 @@ class Admission:
         """Hold a run slot; raise a 429 ``ApiError`` at once when the queue is full."""
         if self.running + self.waiting >= self.max_running + self.max_queue:
             raise ApiError(429, f"the server is busy ({self.running} requests running, {self.waiting} queued); "
-                                "retry later", type="rate_limit_error", code="queue_full")
+                                "retry later", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         self.waiting += 1
         try:
             await self._slots.acquire()

@@ -4,7 +4,9 @@ Every request runs its strategy as a coroutine on the server's event loop, so th
 are decoded by the same engine in the same batch. A request is answered only once its strategy has decided (a
 strategy votes over finished branches), which lets every failure, streaming or not, be a proper HTTP status with an
 OpenAI-style error body; a client that disconnects while it waits has its strategy cancelled, and the strategy's
-``finally`` blocks release its branches and their KV cells.
+``finally`` blocks release its branches and their KV cells. Hostile or broken clients meet the guards of
+``guards.py`` (bounded bodies, deadlines, a per-client cap) before a request gets here; what a request costs the
+event loop before its strategy starts (parsing, checks) is bounded by the body limit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Awaitable, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -24,37 +26,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..engine.base import Engine, EngineError, PonderError, PromptTooLongError
-from ..engine.openai import RemoteUnavailableError
+from ..engine.base import Engine, EngineError, PonderError, PromptTooLongError, RemoteUnavailableError
 from ..result import Result
-from ..strategies import STRATEGIES, get_strategy
+from ..strategies import STRATEGIES
 from .admission import Admission
+from .config import ServerConfig
+from .guards import BodyLimit, ClientCap, error_response, prompt_chars_that_fit
 from .metrics import CountResponses, ServerMetrics
-from .schemas import (MAX_N, ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                      Choice, ChunkChoice, ChunkDelta, CompletionUsage, ModelCard, ModelList)
+from .schemas import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, ChunkDelta,
+                      CompletionUsage, ModelCard, ModelList, invalid_request, parse_request)
 from .strategy_call import StrategyCall, plan_call
 
 log = logging.getLogger("ponder.server")
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the answer"
-
-
-@dataclass
-class ServerConfig:
-    default_strategy: str = "sc"
-    default_n: int = 8
-    api_key: str | None = None
-    max_running: int = 16  # strategy runs at once; their branches share the engine's batch
-    max_queue: int = 64  # requests waiting for a run slot; beyond that, 429
-
-    def __post_init__(self) -> None:
-        # Checked here, so that `ponder serve` fails on a bad option before it loads a model.
-        get_strategy(self.default_strategy)
-        if not 1 <= self.default_n <= MAX_N:
-            raise PonderError(f"the default n must be between 1 and {MAX_N}, got {self.default_n}")
-        if self.max_running < 1 or self.max_queue < 0:
-            raise PonderError(f"need max_running >= 1 and max_queue >= 0, got {self.max_running} and "
-                              f"{self.max_queue}")
 
 
 class ClientDisconnected(Exception):
@@ -63,10 +48,15 @@ class ClientDisconnected(Exception):
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
+    if config.max_prompt_chars is None:
+        config = replace(config, max_prompt_chars=prompt_chars_that_fit(engine))
     admission = Admission(config.max_running, config.max_queue)
     metrics = ServerMetrics(engine, admission)
     started = int(time.time())
     app = FastAPI(title="ponder", summary="Inference-time compute behind the OpenAI API")
+    # The last added is the outermost: count every response, refuse a busy client before reading its body.
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(ClientCap, limit=config.max_per_client)
     app.add_middleware(CountResponses, metrics=metrics)
     _install_error_handlers(app)
 
@@ -93,9 +83,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         return ModelList(data=[ModelCard(id=i, created=started) for i in ids])
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        call = plan_call(body, engine.model.name, default_strategy=config.default_strategy,
-                         default_n=config.default_n)
+    async def chat_completions(request: Request) -> Response:
+        body = parse_request(await request.body(), max_messages=config.max_messages, max_stop=config.max_stop)
+        call = plan_call(body, engine.model.name, config)
         try:
             result, queued_s = await _until_disconnected(request, _run(call, engine, admission))
         except ClientDisconnected:
@@ -197,19 +187,11 @@ async def _sse(answer: ChatCompletion, include_usage: bool):
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            error = ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
-                             code="invalid_json")
-        else:
-            where = [str(part) for part in first["loc"] if part != "body"]
-            param = ".".join(where) or None
-            error = ApiError(400, f"{param or 'body'}: {first['msg']}", param=param)
-        return JSONResponse(error.body(), status_code=error.status)
+    async def request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(invalid_request(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -1,4 +1,8 @@
-"""``ponder serve``: the OpenAI-compatible server over one engine (in-process llama.cpp or a remote server)."""
+"""``ponder serve``: the OpenAI-compatible server over one engine (in-process llama.cpp or a remote server).
+
+The server's packages are an optional extra, imported only when ``ponder serve`` runs: every other command, which
+imports this module to list ``serve`` in the help, stays free of them.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import socket
 from ..engine import PonderError
 from ..options import add_model_arguments, engine_from_args, positive_int
 from ..sandbox import UNSANDBOXED_OPT_IN, unsandboxed_opted_in
-from .app import ServerConfig, create_app
+from .config import ServerConfig
 
 API_KEY_ENV = "PONDER_API_KEY"
 SHUTDOWN_GRACE_S = 10.0
+SERVER_EXTRA = ("fastapi", "starlette", "uvicorn", "prometheus_client", "h11")  # pip install "ponder[server]"
 
 
 def register(subparsers) -> None:
@@ -37,6 +42,28 @@ def register(subparsers) -> None:
     serve.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
                        help="on SIGTERM or Ctrl-C, let requests in flight finish for this long, then cancel them and "
                             f"free their branches (default: {SHUTDOWN_GRACE_S:g})")
+    limits = serve.add_argument_group("limits", "what one client may ask of the server; see docs/server.md")
+    limits.add_argument("--max-per-client", type=positive_int, default=defaults.max_per_client, metavar="N",
+                        help="requests in progress from one client address; more are refused with 429 (default: "
+                             f"{defaults.max_per_client})")
+    limits.add_argument("--max-body-bytes", type=positive_int, default=defaults.max_body_bytes, metavar="BYTES",
+                        help=f"larger request bodies are refused with 413 (default: {defaults.max_body_bytes})")
+    limits.add_argument("--max-messages", type=positive_int, default=defaults.max_messages, metavar="N",
+                        help=f"messages in one request (default: {defaults.max_messages})")
+    limits.add_argument("--max-stop", type=int, default=defaults.max_stop, metavar="N",
+                        help=f"stop strings in one request (default: {defaults.max_stop})")
+    limits.add_argument("--max-prompt-chars", type=positive_int, default=None, metavar="N",
+                        help="characters of the user message, refused before tokenizing (default: as many as can "
+                             "fit in the context, where the engine knows its vocabulary)")
+    limits.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s, metavar="SECONDS",
+                        help="a connection that has not sent a request's headers by then is closed (default: "
+                             f"{defaults.header_timeout_s:g})")
+    limits.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s, metavar="SECONDS",
+                        help="a request whose body has not arrived by then is answered 408 (default: "
+                             f"{defaults.body_timeout_s:g})")
+    limits.add_argument("--send-timeout", type=float, default=defaults.send_timeout_s, metavar="SECONDS",
+                        help="a client that reads nothing of its answer for this long is disconnected (default: "
+                             f"{defaults.send_timeout_s:g})")
     serve.add_argument("--allow-unsandboxed-code", action="store_true",
                        help=f"accept {UNSANDBOXED_OPT_IN}=1 where programs cannot be isolated: model-written code, "
                             "steered by remote clients, then runs with this server's rights")
@@ -44,8 +71,13 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    try:
+        from .app import create_app
+        from .guards import uvicorn_server
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_EXTRA:
+            raise
+        raise PonderError('ponder serve needs its optional packages: pip install "ponder[server]"') from None
     if unsandboxed_opted_in() and not args.allow_unsandboxed_code:
         raise PonderError(f"{UNSANDBOXED_OPT_IN}=1 would let remote clients steer model-written code that runs "
                           "unisolated, with this server's rights; unset it, or add --allow-unsandboxed-code")
@@ -53,13 +85,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PonderError(f"--shutdown-grace must be 0 or more seconds, got {args.shutdown_grace:g}")
     config = ServerConfig(default_strategy=args.strategy, default_n=args.n,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                          max_running=args.max_running, max_queue=args.max_queue)
+                          max_running=args.max_running, max_queue=args.max_queue,
+                          max_per_client=args.max_per_client, max_body_bytes=args.max_body_bytes,
+                          max_messages=args.max_messages, max_stop=args.max_stop,
+                          max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout,
+                          body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout)
     listener = _listen(args.host, args.port)  # before loading the model: a busy port fails at once
     engine = engine_from_args(args)
     try:
         app = create_app(engine, config)
         # Without a grace limit uvicorn would wait for every request in flight, however long its strategy runs.
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_grace))
+        server = uvicorn_server(app, config, log_level="info", timeout_graceful_shutdown=args.shutdown_grace)
         server.run(sockets=[listener])
     finally:
         engine.close()

@@ -12,6 +12,7 @@ The rules (documented for users in docs/server.md):
   its own prompt); earlier conversation turns are refused, because a strategy answers one question.
 * Any other key of ``ponder`` is an option of the strategy, accepted only if the strategy's ``run`` takes a keyword of
   that name, and validated against its type annotation.
+* A question longer than ``ServerConfig.max_prompt_chars`` characters is refused here, before any tokenization.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from ..engine.base import Engine, PonderError, SamplingParams
 from ..options import OptionError, check_strategy_options
 from ..result import Result
 from ..strategies import STRATEGIES, get_strategy
+from .config import ServerConfig
 from .schemas import MAX_N, ApiError, ChatCompletionRequest, ChatMessage
-
-MAX_STOP_STRINGS = 4  # as OpenAI
 
 
 @dataclass
@@ -43,13 +43,12 @@ class StrategyCall:
         return await self.run(engine, self.question, n=self.n, params=self.params, seed=self.seed, **self.options)
 
 
-def plan_call(request: ChatCompletionRequest, served_model: str, *, default_strategy: str,
-              default_n: int) -> StrategyCall:
+def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerConfig) -> StrategyCall:
     """Resolve ``request`` into a strategy call; every problem is an ``ApiError`` naming the field."""
     named_strategy, named_n = parse_model_name(request.model, served_model)
     ponder = request.ponder
     strategy = _agree("strategy", {"ponder.strategy": ponder and ponder.strategy, "model": named_strategy})
-    strategy = strategy or default_strategy
+    strategy = strategy or config.default_strategy
     try:
         run = get_strategy(strategy)
     except PonderError as exc:
@@ -62,8 +61,8 @@ def plan_call(request: ChatCompletionRequest, served_model: str, *, default_stra
     return StrategyCall(
         strategy=strategy,
         run=run,
-        question=question_of(request.messages),
-        n=n or default_n,
+        question=question_of(request.messages, config.max_prompt_chars),
+        n=n or config.default_n,
         params=sampling_params(request),
         seed=request.seed,
         options=strategy_options(strategy, extra),
@@ -99,7 +98,7 @@ def _agree(what: str, sources: dict[str, Any]):
     return next(iter(given.values()), None)
 
 
-def question_of(messages: list[ChatMessage]) -> str:
+def question_of(messages: list[ChatMessage], max_chars: int | None = None) -> str:
     conversation = [m for m in messages if m.role not in ("system", "developer")]
     if len(conversation) != 1 or conversation[0].role != "user":
         raise ApiError(400, "ponder answers one question per request: send exactly one user message (system "
@@ -107,14 +106,15 @@ def question_of(messages: list[ChatMessage]) -> str:
     question = conversation[0].text.strip()
     if not question:
         raise ApiError(400, "the user message is empty", param="messages")
+    if max_chars is not None and len(question) > max_chars:
+        raise ApiError(400, f"the user message has {len(question)} characters; this server accepts at most "
+                            f"{max_chars}", param="messages", code="context_length_exceeded")
     return question
 
 
 def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
     defaults = SamplingParams()
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
     params = SamplingParams(
         temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
