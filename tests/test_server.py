@@ -376,7 +376,7 @@ def test_an_engine_failure_is_a_500_not_the_clients_fault(serve):
     assert response.json()["error"]["type"] == "server_error" and "secret" not in response.text
 
 
-# ---- optional extras --------------------------------------------------------------------------------------------------
+# ---- optional extras -------------------------------------------------------------------------------------------------
 
 SERVER_PACKAGES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "openai")
 
