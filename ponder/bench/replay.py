@@ -46,6 +46,9 @@ from .datasets import Dataset
 from .metrics import summarize
 from .runner import read_results
 
+_WHOLE_BRANCHES_ONLY = ("a replay plays back whole recorded branches from their prompt; strategies that fork or add to a "
+                        "partial solution (early_exit probes, step-wise and search strategies) must run live")
+
 # Sampling fields that a replay may differ in: they only switch on extra per-token records.
 _RECORDING_ONLY = ("logprobs", "top_logprobs", "seed")
 
@@ -124,9 +127,11 @@ class Recorded:
     def model(self) -> str:
         return self.header["model"]["name"]
 
-    def differences(self, params: SamplingParams) -> list[str]:
+    def differences(self, params: SamplingParams, *, length: bool = True) -> list[str]:
+        """The sampling settings in which ``params`` differ from the recording's (``length``: max_tokens too)."""
+        ignored = _RECORDING_ONLY if length else (*_RECORDING_ONLY, "max_tokens")
         return [f"{name} {getattr(params, name)!r} (recorded {getattr(self.params, name)!r})"
-                for name in vars(self.params) if name not in _RECORDING_ONLY
+                for name in vars(self.params) if name not in ignored
                 and getattr(params, name) != getattr(self.params, name)]
 
 
@@ -222,7 +227,7 @@ class ReplayEngine(FakeEngine):
         if params.logprobs and not run.params.logprobs:
             raise PonderError(f"{run.source} was recorded without log-probabilities; strategies and weightings "
                               "that read them (logprob, rpc) need a recording made with --record-logprobs")
-        differ = run.differences(params)
+        differ = run.differences(params, length=False)  # a shorter extend replays a prefix of the recording
         if differ:
             raise PonderError(f"the strategy samples {run.model} otherwise than {run.source} recorded: "
                               f"{', '.join(differ)}")
@@ -231,6 +236,14 @@ class ReplayEngine(FakeEngine):
             return await super().extend(branch, params, stop_if)
         finally:
             self._generated[branch.model] += len(branch.tokens) - before
+
+    async def fork(self, branch: Branch, n: int) -> list[Branch]:
+        if branch.tokens:
+            raise PonderError(_WHOLE_BRANCHES_ONLY)
+        return await super().fork(branch, n)
+
+    async def append(self, branch: Branch, text: str) -> Branch:
+        raise PonderError(_WHOLE_BRANCHES_ONLY)
 
     async def score(self, branch: Branch, continuation: str) -> float:
         raise PonderError("a replay cannot score text (no model is loaded): run verifiers that read a model "

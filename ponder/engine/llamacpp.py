@@ -803,7 +803,10 @@ class LlamaCppEngine(Engine):
     async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
                    model: str | None = None) -> Branch:
         runner = await self._runner_for(model)
-        return await runner.open(runner.prompt_tokens(prompt), usage if usage is not None else Usage())
+        # Rendering and tokenizing grow with the prompt: off the event loop, which keeps answering other clients.
+        # llama_tokenize only reads the vocabulary (and ctypes releases the GIL), so it may run beside a decode.
+        tokens = await asyncio.to_thread(runner.prompt_tokens, prompt)
+        return await runner.open(tokens, usage if usage is not None else Usage())
 
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
         assert isinstance(branch, LlamaBranch)
