@@ -182,7 +182,8 @@ def test_a_replayed_model_must_be_sampled_as_it_was_recorded(tmp_path, recording
                "--option", "large=large", "--replay", str(large))
 
 
-@pytest.mark.parametrize("extra", [("--option", "early_exit=probe:every=2"), ("--strategy", "glimprouter")])
+@pytest.mark.parametrize("extra", [("--option", "early_exit=probe:every=2"),
+                                   ("--strategy", "glimprouter", "--option", "small=fake", "--option", "large=fake")])
 def test_strategies_that_fork_partial_solutions_must_run_live(tmp_path, recording, extra):
     with pytest.raises(PonderError, match="must run live"):
         replay(tmp_path, recording, "--n", "4", *extra)

@@ -218,3 +218,27 @@ def test_stop_strings_end_the_extend(real_engine):
     # the stop string appears first in the last token (which may hold more, e.g. "\n\n"), and generation ended there
     last_piece = real_engine.token_text(b.tokens[-1])
     assert "\n" in last_piece and "\n" not in b.text[: len(b.text) - len(last_piece)]
+
+
+def test_a_fork_at_a_step_boundary_shares_the_parents_cells(real_engine):
+    async def go():
+        usage = Usage()
+        root = await real_engine.open(math_messages(QUESTION), usage)
+        await root.extend(SamplingParams(temperature=0.0, max_tokens=24, stop=("\n\n",)))
+        before = real_engine.stats().kv_cells_used
+        children = await root.fork(3)
+        await root.score(" ok")  # any step applies the queued copies
+        after_fork = real_engine.stats().kv_cells_used
+        await asyncio.gather(*(c.extend(SamplingParams(max_tokens=4, seed=i, ignore_eos=True))
+                               for i, c in enumerate(children)))
+        grown = real_engine.stats().kv_cells_used - before
+        result = before, after_fork, usage.prompt_tokens_shared, root.n_past, grown
+        for b in [root, *children]:
+            b.release()
+        return result
+
+    before, after_fork, shared, parent_cells, grown = run(go())
+    assert after_fork == before  # the children hold the parent's cells, no copy
+    assert shared == 3 * parent_cells  # counted as reused, prompt and step alike
+    assert grown == 3 * 4  # each child wrote only its own four tokens
+    assert real_engine.stats().kv_cells_used == 0

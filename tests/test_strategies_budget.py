@@ -8,10 +8,11 @@ import pytest
 
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, Script
-from ponder.strategies import STRATEGIES
+from ponder.strategies import SEARCHES, STRATEGIES
 
-# Strategies over two models need a small and a large one; their budgets are tested in their own files.
-TWO_MODELS = {"cascade", "specreason", "glimprouter"}
+# Strategies over two models need a small and a large one, and the searches a judge model by default; their budgets
+# are tested in their own files (generated and scored tokens together, for the searches).
+TWO_MODELS = {"cascade", "specreason", "glimprouter", *SEARCHES}
 ONE_MODEL = sorted(set(STRATEGIES) - TWO_MODELS)
 
 TEN_TOKENS = [Script("a b c d e f g h i \\boxed{7}", confidences=[5.0] * 10),

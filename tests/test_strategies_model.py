@@ -76,3 +76,13 @@ def test_bon_with_the_same_model_as_judge(real_engine):
     assert result.usage.scored_tokens == 3 * 2  # one "Yes" and one "No" token per candidate
     assert result.usage.prompt_tokens > 4 * 30  # the question's prompt and three judge prompts
     assert real_engine.stats().kv_cells_used == 0
+
+
+def test_answer_probes_stop_a_real_branch_and_count_their_tokens(real_engine):
+    result = asyncio.run(STRATEGIES["sc"](real_engine, "What is 12 times 7? Think step by step.", n=2,
+                                          params=SamplingParams(max_tokens=160), seed=0,
+                                          early_exit="probe:every=16,window=2"))
+    assert result.usage.probe_tokens > 0  # probes ran, on forks of the branches
+    assert result.usage.generated_tokens == sum(b.generated_tokens for b in result.branches)
+    stats = real_engine.stats()
+    assert stats.live_branches == 0 and stats.kv_cells_used == 0  # every probe fork was released
