@@ -13,7 +13,7 @@ import pytest
 from ponder.engine.base import SamplingParams, Usage
 from ponder.prompts import math_messages
 from ponder.stopping import ConfidenceFloor
-from ponder.strategies import STRATEGIES
+from ponder.strategies import SEARCHES, STRATEGIES
 
 pytestmark = pytest.mark.model
 
@@ -24,8 +24,9 @@ OPTIONS = {  # settings small enough for a 40-token test
     "short-m@k": {"m": 2},
     "bon": {"verifier": "self"},
 }
-# They also spend tokens that no reported branch holds (drafts, glimpses, rejected steps): count them per model.
-TWO_MODEL = {"cascade", "specreason", "glimprouter"}
+# They also spend tokens that no reported branch holds (drafts, glimpses, rejected steps, pruned search nodes): count
+# them per model.
+OUTSIDE_BRANCHES = {"cascade", "specreason", "glimprouter", *SEARCHES}
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -33,7 +34,7 @@ def test_every_strategy_runs_on_the_real_engine(real_engine, name):
     result = asyncio.run(STRATEGIES[name](real_engine, QUESTION, n=4, params=PARAMS, seed=0, budget=150,
                                           **OPTIONS.get(name, {})))
     assert result.usage.generated_tokens <= 150
-    if name in TWO_MODEL:
+    if name in OUTSIDE_BRANCHES:
         per_model = sum(counts.get("generated_tokens", 0) for counts in result.usage.models.values())
         assert per_model == result.usage.generated_tokens > 0
     else:
