@@ -794,9 +794,9 @@ class LlamaCppEngine(Engine):
         return self._default.n_batch
 
     @property
-    def models(self) -> list[str]:
-        """The models loaded so far, the default one first."""
-        return list(dict.fromkeys(r.model.name for r in self._runners.values()))
+    def _loaded(self) -> list[_ModelRunner]:
+        """Each loaded model's runner once (a model asked for by its path is also listed under its name)."""
+        return list(dict.fromkeys(self._runners.values()))
 
     # ---- the Branch API --------------------------------------------------------------------------------------
 
@@ -830,7 +830,7 @@ class LlamaCppEngine(Engine):
 
     def stats(self) -> EngineStats:
         total = EngineStats()
-        for runner in dict.fromkeys(self._runners.values()):
+        for runner in self._loaded:
             s = runner.stats()
             for name in vars(total):
                 setattr(total, name, getattr(total, name) + getattr(s, name))
@@ -839,7 +839,7 @@ class LlamaCppEngine(Engine):
     def close(self) -> None:
         if self._runners:
             self._executor.shutdown(wait=True)
-            for runner in dict.fromkeys(self._runners.values()):
+            for runner in self._loaded:
                 runner.close()
             self._runners = {}
 
@@ -865,7 +865,7 @@ class LlamaCppEngine(Engine):
         loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         while True:
-            runners = list(dict.fromkeys(self._runners.values()))
+            runners = self._loaded
             for runner in runners:
                 runner.admit()
             busy = [r for r in runners if r.busy]
@@ -899,5 +899,5 @@ class LlamaCppEngine(Engine):
                 runner.apply(plan, out)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for runner in dict.fromkeys(self._runners.values()):
+        for runner in self._loaded:
             runner.fail_all(exc)
