@@ -164,7 +164,7 @@ def test_a_cascade_replays_the_small_models_samples_and_the_large_models_greedy_
                   "--option", "small=small", "--option", "large=large", "--replay", str(small), "--replay",
                   str(large), "--out", str(out)) == 0
     header, records = read_results(out)
-    assert [other["model"] for other in header["replay"]["other_models"]] == ["large"]
+    assert [other["model"] for other in header["replay"]["other_recordings"]] == ["large"]
     for r in records:
         assert r["prediction"] == "18" and r["details"]["escalated"]
         assert r["usage"]["models"]["small"]["generated_tokens"] == sum(
@@ -187,3 +187,47 @@ def test_a_replayed_model_must_be_sampled_as_it_was_recorded(tmp_path, recording
 def test_strategies_that_fork_partial_solutions_must_run_live(tmp_path, recording, extra):
     with pytest.raises(PonderError, match="must run live"):
         replay(tmp_path, recording, "--n", "4", *extra)
+
+
+PROGRAMS = ["```python\nprint(3 + 4)\n```", "```python\nprint(20 - 2)\n```", "```python\nprint(7)\n```"]
+
+
+@pytest.fixture
+def programs(tmp_path, monkeypatch) -> Path:
+    """A pal run with n=6 over the fixture's problems: the programs print 7, 18, 7, 7, 18, 7."""
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: FakeEngine(PROGRAMS))
+    path = tmp_path / "pal6.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--strategy", "pal", "--n", "6", "--max-tokens", "32",
+                  "--out", str(path)) == 0
+    return path
+
+
+def test_a_recorded_pal_run_replays_its_programs(tmp_path, programs):
+    _, recorded = read_results(programs)
+    _, replayed = replay(tmp_path, programs, "--strategy", "pal", "--n", "6")
+    for was, now in zip(recorded, replayed, strict=True):
+        assert now["prediction"] == was["prediction"] == "7" and now["votes"] == was["votes"]
+        assert [b["text"] for b in now["branches"]] == [b["text"] for b in was["branches"]]
+        assert now["usage"]["generated_tokens"] == was["usage"]["generated_tokens"]
+
+
+def test_mix_replays_the_reasoning_of_an_sc_run_and_the_programs_of_a_pal_run(tmp_path, recording, programs):
+    """Two recordings of one model on two prompts: mix's reasoning branches are sc's branches 0-2 (answers 7, 7, 18),
+    its program branches pal's branches 0-2 (programs printing 7, 18, 7)."""
+    _, reasoned = read_results(recording)
+    _, coded = read_results(programs)
+    header, records = replay(tmp_path, recording, "--strategy", "mix", "--n", "6", "--replay", str(programs))
+    assert [other["strategy"] for other in header["replay"]["other_recordings"]] == ["pal"]
+    for r, sc_run, pal_run in zip(records, reasoned, coded, strict=True):
+        kinds = [b["details"]["kind"] for b in r["branches"]]
+        assert kinds == ["program"] * 3 + ["cot"] * 3
+        assert [b["text"] for b in r["branches"]] == ([b["text"] for b in pal_run["branches"][:3]]
+                                                      + [b["text"] for b in sc_run["branches"][:3]])
+        assert r["votes"] == {"7": 4, "18": 2} and r["prediction"] == "7"
+        assert r["details"]["kinds"]["program"]["votes"] == {"7": 2, "18": 1}
+        assert r["usage"]["generated_tokens"] == sum(b["generated_tokens"] for b in r["branches"])
+
+
+def test_two_recordings_of_one_model_and_prompt_are_refused(tmp_path, recording):
+    with pytest.raises(PonderError, match="both recorded fake on the same prompts"):
+        replay(tmp_path, recording, "--n", "4", "--replay", str(recording))

@@ -22,10 +22,13 @@ problem" is then what its tokens would have taken at the recorded run's throughp
 uses for maj@k -- plus whatever really ran, such as a verifier: ``bon`` with ``verifier=program`` or a ``judge`` model
 replays the candidates and runs its verifier for real.
 
-Several models: ``--replay`` once per model. The first file is the default model's run; a strategy that opens another
-model (a cascade's large model) gets the branches of the file recorded with that model, checked against the sampling
-settings that file was recorded with (a greedy run answers a greedy escalation). A model that no file recorded (a
-judge) is loaded and runs for real.
+Several recordings: ``--replay`` once per recording. The first file is the default model's run; a strategy that opens
+another model (a cascade's large model) or another prompt (``mix`` opens ``pal``'s program prompt beside the reasoning
+prompt) gets the branches of the file that recorded that model and prompt, checked against the sampling settings that
+file was recorded with (a greedy run answers a greedy escalation). Which prompt a recording answered follows from its
+strategy: ``pal`` asked for programs (its replies start inside the code block the strategy appended, and stop at the
+closing fence), every other strategy the standard math prompt. A model that no file recorded (a judge) is loaded and
+runs for real.
 """
 
 from __future__ import annotations
@@ -42,12 +45,17 @@ from ..engine import load_engine
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..engine.fake import FakeBranch, FakeEngine, Script
 from ..prompts import math_messages
+from ..strategies.pal import program_messages, program_params
 from .datasets import Dataset
 from .metrics import summarize
 from .runner import read_results
 
 _WHOLE_BRANCHES_ONLY = ("a replay plays back whole recorded branches from their prompt; strategies that fork or add to a "
                         "partial solution (early_exit probes, step-wise and search strategies) must run live")
+
+# The prompt a recorded strategy opened and how it changed the sampling settings given on the command line; every
+# strategy not listed asked the standard math prompt with the settings as given.
+_PROMPT_OF = {"pal": (program_messages, program_params)}
 
 # Sampling fields that a replay may differ in: they only switch on extra per-token records.
 _RECORDING_ONLY = ("logprobs", "top_logprobs", "seed")
@@ -91,7 +99,8 @@ class Recorded:
 
     source: Path
     header: dict
-    params: SamplingParams
+    params: SamplingParams  # the recorded command line's sampling settings
+    extend_params: SamplingParams  # what the recorded strategy sampled with (pal adds its closing fence as a stop)
     n: int
     recordings: dict[str, Recording]  # the prompt text ``open`` sees -> the problem's recording
     seconds_per_token: float
@@ -112,13 +121,14 @@ class Recorded:
         recorded_params = header["config"]["params"]
         if header["strategy"] == "greedy":  # the greedy strategy samples at temperature 0 whatever --temperature says
             recorded_params = {**recorded_params, "temperature": 0.0}
+        messages, strategy_params = _PROMPT_OF.get(header["strategy"], (math_messages, lambda params: params))
+        params = SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])})
         by_id = {r["id"]: r for r in records}
         recorded = summarize(header["strategy"], records)
         return cls(
-            source=Path(source), header=header,
-            params=SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])}),
+            source=Path(source), header=header, params=params, extend_params=strategy_params(params),
             n=header["config"]["n"],
-            recordings={prompt_text(math_messages(p.question)):
+            recordings={prompt_text(messages(p.question)):
                         Recording(p.id, by_id[p.id]["usage"]["prompt_tokens"], by_id[p.id]["branches"])
                         for p in dataset.problems if p.id in by_id},
             seconds_per_token=recorded.wall_s / recorded.generated_tokens if recorded.generated_tokens else 0.0)
@@ -127,43 +137,45 @@ class Recorded:
     def model(self) -> str:
         return self.header["model"]["name"]
 
-    def differences(self, params: SamplingParams, *, length: bool = True) -> list[str]:
-        """The sampling settings in which ``params`` differ from the recording's (``length``: max_tokens too)."""
-        ignored = _RECORDING_ONLY if length else (*_RECORDING_ONLY, "max_tokens")
-        return [f"{name} {getattr(params, name)!r} (recorded {getattr(self.params, name)!r})"
-                for name in vars(self.params) if name not in ignored
-                and getattr(params, name) != getattr(self.params, name)]
+    def differences(self, params: SamplingParams, *, extending: bool = False) -> list[str]:
+        """The sampling settings in which ``params`` differ from the recorded command line's or, ``extending``, from
+        what the recorded strategy extended its branches with (max_tokens aside: a shorter extend replays a prefix)."""
+        recorded = self.extend_params if extending else self.params
+        ignored = (*_RECORDING_ONLY, "max_tokens") if extending else _RECORDING_ONLY
+        return [f"{name} {getattr(params, name)!r} (recorded {getattr(recorded, name)!r})"
+                for name in vars(recorded) if name not in ignored and getattr(params, name) != getattr(recorded, name)]
 
 
 class ReplayEngine(FakeEngine):
-    """Plays back ``sources``: the first is the default model's run; each further file is another model's run (a
-    strategy that opens ``model=NAME`` gets the branches of the file recorded with that model, e.g. the large model's
-    greedy run for a cascade's escalations)."""
+    """Plays back ``sources``: the first is the default model's run; each further file is another model's run (e.g.
+    the large model's greedy run for a cascade's escalations) or the same model's run of another prompt (``pal``'s
+    programs beside ``sc``'s reasoning, for ``mix``)."""
 
     def __init__(self, sources: str | Path | list[str | Path], dataset: Dataset):
         sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
-        runs = [Recorded.read(source, dataset, self._prompt_text) for source in sources]
-        self.runs = {}
-        for run in runs:
-            if run.model in self.runs:
-                raise PonderError(f"{self.runs[run.model].source} and {run.source} both recorded {run.model}; "
-                                  "give one recording per model")
-            self.runs[run.model] = run
-        default = runs[0]
-        super().__init__([], name=default.model, models={run.model: [] for run in runs[1:]})
+        self.runs = [Recorded.read(source, dataset, self._prompt_text) for source in sources]
+        self._run_of: dict[tuple[str, str], Recorded] = {}  # (model, prompt text) -> the run that recorded it
+        for run in self.runs:
+            for prompt in run.recordings:
+                other = self._run_of.setdefault((run.model, prompt), run)
+                if other is not run:
+                    raise PonderError(f"{other.source} and {run.source} both recorded {run.model} on the same "
+                                      "prompts; give one recording per model and prompt")
+        default = self.runs[0]
+        super().__init__([], name=default.model,
+                         models={run.model: [] for run in self.runs[1:] if run.model != default.model})
         self.model.path, self.model.sha256 = default.header["model"]["path"], default.header["model"]["sha256"]
         self.source = default.source
         self.header = default.header
         self.recorded_n = default.n
-        self.params = default.params
         self.problems = {r.problem for r in default.recordings.values()}
-        self._generated = {run.model: 0 for run in runs}  # tokens replayed per model, for the clock
+        self._generated = {run.source: 0 for run in self.runs}  # tokens replayed per recording, for the clock
         self._forked: dict[int, int] = {}  # id(root) -> recorded branches handed out so far
         self._live_engine: Engine | None = None  # the models no file recorded (a judge), run for real
 
     async def open(self, prompt: str | Sequence[Message], usage: Usage | None = None, *,
                    model: str | None = None) -> Branch:
-        if model is None or model in self.runs:
+        if model is None or model in self.models:
             return await super().open(prompt, usage, model=model)
         # A model without a recording runs for real; its branches belong to that engine from here on.
         if self._live_engine is None:
@@ -179,55 +191,65 @@ class ReplayEngine(FakeEngine):
         run)."""
         described = [{"source": str(run.source), "sha256": hashlib.sha256(run.source.read_bytes()).hexdigest(),
                       "model": run.model, "strategy": run.header["strategy"], "n": run.n,
-                      "seconds_per_token": round(run.seconds_per_token, 6)} for run in self.runs.values()]
-        return {**described[0], **({"other_models": described[1:]} if len(described) > 1 else {})}
+                      "seconds_per_token": round(run.seconds_per_token, 6)} for run in self.runs]
+        return {**described[0], **({"other_recordings": described[1:]} if len(described) > 1 else {})}
 
     def check(self, params: SamplingParams, n: int, seed: int) -> None:
         """Refuse a configuration the default recording cannot answer, before any problem runs."""
         if seed != self.header["config"]["seed"]:
             raise PonderError(f"{self.source} was recorded with --seed {self.header['config']['seed']}; a replay "
                               f"samples as it did, so use that seed (got {seed})")
-        differ = self.runs[self.model.name].differences(params)
+        differ = self.runs[0].differences(params)
         if differ:
             raise PonderError(f"a replay must sample as {self.source} did; these differ: {', '.join(differ)}")
         if n > self.recorded_n:
             raise PonderError(f"{self.source} recorded {self.recorded_n} branches per problem; --n {n} needs more")
 
     def now(self) -> float:
-        """The replay clock: real time plus, for every token replayed so far, its model's recorded seconds per
-        token."""
-        return time.time() + sum(tokens * self.runs[model].seconds_per_token
-                                 for model, tokens in self._generated.items())
+        """The replay clock: real time plus, for every token replayed so far, its recording's seconds per token."""
+        return time.time() + sum(self._generated[run.source] * run.seconds_per_token for run in self.runs)
+
+    def _recorded(self, prompt: str, model: str) -> Recorded:
+        run = self._run_of.get((model, prompt))
+        if run is None:
+            sources = ", ".join(str(r.source) for r in self.runs if r.model == model)
+            raise PonderError(f"{sources} recorded no such prompt on {model}: a replay can only run the problems of "
+                              "the recorded runs, on the prompts they recorded (sampled answers, not verifier prompts)")
+        return run
 
     def _prompt_tokens(self, text: str, model: str) -> int:
-        recording = self.runs[model].recordings.get(text)
-        if recording is None:
-            raise PonderError(f"{self.runs[model].source} has no recording of this prompt: a replay can only run the "
-                              "problems of the recorded run, and only strategies that sample answers (no verifier "
-                              "prompts)")
-        return recording.prompt_tokens
+        return self._recorded(text, model).recordings[text].prompt_tokens
 
     def _scripts_for(self, branch: FakeBranch, n: int) -> list[Script]:
-        run = self.runs[branch.model]
+        run = self._recorded(branch.prompt, branch.model)
         recording = run.recordings[branch.prompt]
         start = self._forked.get(id(branch), 0)
         if start + n > len(recording.branches):
             raise PonderError(f"problem {recording.problem}: the strategy asked for branch {start + n} of "
                               f"{run.model}, but {run.source} recorded {len(recording.branches)}")
         self._forked[id(branch)] = start + n
-        return [RecordedScript(b["text"], logprobs=[b["mean_logprob"] or 0.0] * b["generated_tokens"],
-                               pieces=split_text(b["text"], b["generated_tokens"]))
-                for b in recording.branches[start:start + n]]
+        # A recorded text starts with what the strategy appended to the prompt (pal's opening of the code block);
+        # the fake engine plays a script from the branch's length, so those appended tokens are skipped pieces.
+        appended, skipped = branch.text, [""] * len(branch.tokens)
+        scripts = []
+        for b in recording.branches[start:start + n]:
+            if not b["text"].startswith(appended):
+                raise PonderError(f"problem {recording.problem}: {run.source} recorded replies that do not start "
+                                  f"with the text the strategy appended ({appended!r})")
+            scripts.append(RecordedScript(
+                b["text"], logprobs=[0.0] * len(skipped) + [b["mean_logprob"] or 0.0] * b["generated_tokens"],
+                pieces=skipped + split_text(b["text"][len(appended):], b["generated_tokens"])))
+        return scripts
 
     async def extend(self, branch: Branch, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
-        run = self.runs[branch.model]
+        run = self._recorded(branch.prompt, branch.model)
         if params.top_logprobs:
             raise PonderError("a replay has no per-token confidences (the recording kept token logprobs only); "
                               "strategies and weightings that read them (deepconf, self-certainty) must run live")
         if params.logprobs and not run.params.logprobs:
             raise PonderError(f"{run.source} was recorded without log-probabilities; strategies and weightings "
                               "that read them (logprob, rpc) need a recording made with --record-logprobs")
-        differ = run.differences(params, length=False)  # a shorter extend replays a prefix of the recording
+        differ = run.differences(params, extending=True)
         if differ:
             raise PonderError(f"the strategy samples {run.model} otherwise than {run.source} recorded: "
                               f"{', '.join(differ)}")
@@ -235,15 +257,17 @@ class ReplayEngine(FakeEngine):
         try:
             return await super().extend(branch, params, stop_if)
         finally:
-            self._generated[branch.model] += len(branch.tokens) - before
+            self._generated[run.source] += len(branch.tokens) - before
 
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
-        if branch.tokens:
+        if len(branch.tokens) > branch.appended_tokens:  # only a prompt (and what was appended to it) is forked
             raise PonderError(_WHOLE_BRANCHES_ONLY)
         return await super().fork(branch, n)
 
     async def append(self, branch: Branch, text: str) -> Branch:
-        raise PonderError(_WHOLE_BRANCHES_ONLY)
+        if len(branch.tokens) > branch.appended_tokens:  # text after generated tokens: a partial solution
+            raise PonderError(_WHOLE_BRANCHES_ONLY)
+        return await super().append(branch, text)
 
     async def score(self, branch: Branch, continuation: str) -> float:
         raise PonderError("a replay cannot score text (no model is loaded): run verifiers that read a model "
