@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
+import llama_cpp
 import pytest
 
 from ponder.engine import PromptTooLongError, SamplingParams, Usage
@@ -34,7 +36,8 @@ def test_forks_share_one_prefill(real_engine):
 
     usage, prefills, prefill_tokens = run(go())
     assert prefills == 1
-    assert prefill_tokens == usage.prompt_tokens - 1  # the last prompt token is decoded with the first step
+    # the last prompt token is decoded with the first step; what the prefix cache held is not evaluated again
+    assert prefill_tokens == usage.prompt_tokens - 1 - usage.prompt_tokens_cached
     assert usage.prompt_tokens_shared == 6 * (usage.prompt_tokens - 1)
     assert usage.generated_tokens <= 6 * 4
 
@@ -242,3 +245,164 @@ def test_a_fork_at_a_step_boundary_shares_the_parents_cells(real_engine):
     assert shared == 3 * parent_cells  # counted as reused, prompt and step alike
     assert grown == 3 * 4  # each child wrote only its own four tokens
     assert real_engine.stats().kv_cells_used == 0
+
+
+# ---- the prefix cache across requests ----------------------------------------------------------------------------
+
+FEW_SHOT = """Answer with the number only. Examples:
+Q: A farmer has 3 fields with 14 cows each. He sells 9 cows. How many cows are left? A: 33
+Q: Tom reads 12 pages a day for 5 days, then 7 pages a day for 3 days. How many pages did he read? A: 81
+Q: A box holds 24 pencils. A school buys 15 boxes and hands out 290 pencils. How many are left? A: 70
+Q: Sara saves $8 a week for 13 weeks and spends $45 on a gift. How much money does she have? A: 59
+Q: A train travels 65 miles an hour for 4 hours and then 50 miles an hour for 2 hours. How far did it go? A: 360
+Q: There are 7 shelves with 32 books each. 18 books are borrowed. How many books are on the shelves? A: 206"""
+OTHER_SYSTEM = "You are a careful assistant. Think about units, then answer in one short sentence. " * 10
+QUESTIONS = ["What is 12 times 7?", "What is 15 plus 27?", "What is 9 squared?"]
+SHORT = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def chat(question: str, system: str = FEW_SHOT):
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+async def request(engine, messages, forks: int = 0, params: SamplingParams = SHORT):
+    """One request's greedy tokens and usage: the root extends, or ``forks`` children do while the root is released
+    (its prompt goes to the cache while they still use its cells)."""
+    usage = Usage()
+    root = await engine.open(messages, usage)
+    if not forks:
+        await root.extend(params)
+        root.release()
+        return [root.tokens], usage
+    children = await root.fork(forks)
+    root.release()
+    await asyncio.gather(*(c.extend(params) for c in children))
+    for c in children:
+        c.release()
+    return [c.tokens for c in children], usage
+
+
+def prompt_tokens(engine, messages) -> list[int]:
+    return engine.tokenize(engine.format_chat(messages), add_bos=False)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def assert_at_rest(engine, model=None):
+    """Every cell and sequence id is held by the prefix cache or free; clearing the cache frees all of them, in the
+    engine's accounting and in llama.cpp's own KV cache."""
+    runner = engine._runners[model or engine.model.name]
+    cache = runner.prefix_cache
+    assert engine.stats().kv_cells_used == 0 and engine.stats().live_branches == 0
+    assert runner._cells_used == (cache.cells() if cache else 0)
+    assert len(runner._free_seqs) == runner.n_seq_max - (len(cache) if cache else 0)
+    runner._apply_kv_ops(runner._kv_ops)  # the engine is idle: apply the queued removals as its next step would
+    runner._kv_ops = []
+    for entry in cache._entries if cache else []:
+        (_, seq, _), *_ = entry.value
+        assert llama_cpp.llama_memory_seq_pos_min(runner._memory, seq) == 0
+        assert llama_cpp.llama_memory_seq_pos_max(runner._memory, seq) == len(entry.tokens) - 1
+    engine.clear_prefix_cache()
+    runner._apply_kv_ops(runner._kv_ops)
+    runner._kv_ops = []
+    assert runner._cells_used == 0 and len(runner._free_seqs) == runner.n_seq_max
+    assert all(llama_cpp.llama_memory_seq_pos_max(runner._memory, s) == -1 for s in range(runner.n_seq_max))
+
+
+def test_prefix_cache_gives_the_same_greedy_tokens_and_counts_what_it_reused():
+    from ponder.engine import load_engine
+
+    requests = [(QUESTIONS[0], 0), (QUESTIONS[1], 0), (QUESTIONS[0], 0), (QUESTIONS[2], 2), (QUESTIONS[2], 0)]
+
+    async def serve(engine):
+        return [await request(engine, chat(q), forks) for q, forks in requests]
+
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=8, prefix_cache_tokens=0) as plain:
+        expected = run(serve(plain))
+        assert_at_rest(plain)
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=8) as cached:
+        got = run(serve(cached))
+        prompts = [prompt_tokens(cached, chat(q)) for q in QUESTIONS]
+        evaluated = cached.stats().prefill_tokens
+        assert_at_rest(cached)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    assert all(usage.prompt_tokens_cached == 0 for _, usage in expected)
+    shared = common_prefix(prompts[0], prompts[1])  # the system prompt and the question's first tokens
+    assert shared > 150
+    cached_tokens = [usage.prompt_tokens_cached for _, usage in got]
+    assert cached_tokens == [0, shared, len(prompts[0]) - 1,
+                             max(common_prefix(prompts[2], p) for p in prompts[:2]), len(prompts[2]) - 1]
+    assert [usage.models["qwen2.5-0.5b"].get("prompt_tokens_cached", 0) for _, usage in got] == cached_tokens
+    assert evaluated == sum(usage.prompt_tokens - 1 - usage.prompt_tokens_cached for _, usage in got)
+
+
+def test_eviction_for_cells_sequence_ids_and_budget_keeps_outputs_right():
+    """A small context, four sequence ids and a budget of about one prompt: cached prompts must leave for a fork that
+    needs every sequence id, for the budget, and for an extend that needs their cells."""
+    from ponder.engine import PonderError, load_engine
+
+    async def serve(engine, long_tokens: int):
+        out = [await request(engine, chat(QUESTIONS[0]))]
+        out.append(await request(engine, chat(QUESTIONS[1])))  # shares the system prompt: both stay cached
+        both = engine.prefix_cache_cells()
+        out.append(await request(engine, chat(QUESTIONS[2]), forks=3))  # 1 + 3 ids: the cached prompts give theirs
+        out.append(await request(engine, chat(QUESTIONS[0], OTHER_SYSTEM)))  # over the budget: the oldest goes
+        after_budget = engine.prefix_cache_cells()
+        # another system prompt again: this extend fits only once the cached prompt's cells are given back
+        out.append(await request(engine, chat(QUESTIONS[1]), params=replace(SHORT, max_tokens=long_tokens)))
+        return out, both, after_budget
+
+    n_ctx = 512
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=8, prefix_cache_tokens=0) as plain:
+        n_prompt = len(prompt_tokens(plain, chat(QUESTIONS[1])))
+        other = len(prompt_tokens(plain, chat(QUESTIONS[0], OTHER_SYSTEM)))
+        budget = n_prompt + 40
+        long_tokens = n_ctx - (other - 1) - (n_prompt - 1) + 16
+        assert other < budget and 0 < long_tokens < 120, (n_prompt, other)
+        expected, _, _ = run(serve(plain, long_tokens))
+    with load_engine("qwen2.5-0.5b", n_ctx=n_ctx, n_seq_max=4, prefix_cache_tokens=budget,
+                     stall_timeout_s=5.0) as small:
+        assert small.n_ctx == n_ctx
+        try:
+            got, both, after_budget = run(serve(small, long_tokens))
+        except PonderError as exc:
+            pytest.fail(f"a job waited for cells or ids that the prefix cache held: {exc}")
+        assert n_prompt < both <= budget
+        assert after_budget <= budget
+        assert_at_rest(small)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    assert got[1][1].prompt_tokens_cached > 150 and got[2][1].prompt_tokens_cached > 150
+
+
+def test_prefix_cache_under_speculative_decoding(tmp_path):
+    """The draft's shadows reuse the same prefix in the draft's context; cached prompts leave both contexts at once.
+    (The bundled 0.5B drafts for a copy of itself under another name: cheap, and greedy output is the target's.)"""
+    from ponder.engine import load_engine
+    from ponder.models import resolve_model
+
+    draft = tmp_path / "draft-copy.gguf"
+    draft.symlink_to(resolve_model("qwen2.5-0.5b").path)
+    requests = [(QUESTIONS[0], 0), (QUESTIONS[1], 2), (QUESTIONS[0], 0)]
+
+    async def serve(engine):
+        return [await request(engine, chat(q), forks) for q, forks in requests]
+
+    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=8, prefix_cache_tokens=0) as plain:
+        expected = run(serve(plain))
+    with load_engine("qwen2.5-0.5b", draft=str(draft), n_ctx=2048, n_seq_max=8) as speculative:
+        got = run(serve(speculative))
+        target, shadow = speculative._default, speculative._runners["draft-copy"]
+        assert len(target.prefix_cache) == 2 and shadow._cells_used == target._cells_used > 0
+        assert len(shadow._free_seqs) == len(target._free_seqs) == 8 - 2
+        assert_at_rest(speculative)
+        shadow._apply_kv_ops(shadow._kv_ops)
+        shadow._kv_ops = []
+        assert shadow._cells_used == 0 and len(shadow._free_seqs) == 8
+        assert all(llama_cpp.llama_memory_seq_pos_max(shadow._memory, s) == -1 for s in range(8))
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    for _, usage in got[1:]:
+        assert usage.drafted_tokens > 0
+        assert usage.models["draft-copy"]["prompt_tokens_cached"] == usage.models["qwen2.5-0.5b"][
+            "prompt_tokens_cached"] > 0

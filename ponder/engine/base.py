@@ -24,6 +24,11 @@ How the contract grew, and why (each change was made once, for every engine and 
 * **Accounting per model and per kind**: ``Usage`` keeps the totals it always had and, beside them, the same counters
   per model (``Usage.models``) plus drafted/accepted tokens of speculative decoding and wall time per named stage
   (``Usage.stages``, e.g. the sandbox). Engines count through ``Usage.add`` so both views always agree.
+* **A prefix cache across requests** (``prompt_tokens_cached``): the in-process engine keeps the KV cells of finished
+  requests' prompts and a new prompt reuses its longest cached prefix, so the system prompt and few-shot examples
+  that every problem of a benchmark and every client of a server repeats are evaluated once. A request's cost is then
+  no longer its prompt length: the counter says how much of ``prompt_tokens`` came from the cache (OpenAI reports the
+  same as ``prompt_tokens_details.cached_tokens``), so every Pareto point counts what it really computed.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ class SamplingParams:
 
 
 COUNTERS = ("prompt_tokens", "prompt_tokens_shared", "generated_tokens", "scored_tokens", "drafted_tokens",
-            "accepted_tokens", "probe_tokens")
+            "accepted_tokens", "probe_tokens", "prompt_tokens_cached")
 
 
 @dataclass
@@ -105,7 +110,9 @@ class Usage:
     cost); ``scored_tokens`` counts tokens fed by ``score``; ``drafted_tokens`` and ``accepted_tokens`` count the
     draft model's proposals under speculative decoding and how many of them the target kept (the accepted ones are
     also in ``generated_tokens``, on the target model); ``probe_tokens`` counts the answer probes of early exit
-    (``ponder.stopping.EarlyExit``): the probe text appended to a fork and the probe's reply, in no other counter.
+    (``ponder.stopping.EarlyExit``): the probe text appended to a fork and the probe's reply, in no other counter;
+    ``prompt_tokens_cached`` counts the part of ``prompt_tokens`` whose KV cells came from the engine's prefix cache
+    (an earlier request's prompt) instead of being computed.
     The fields are totals over every model; ``models`` holds the same counters per model name, and ``stages`` wall
     seconds per named stage (``"sandbox"``, ...).
     """
@@ -117,6 +124,7 @@ class Usage:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     probe_tokens: int = 0
+    prompt_tokens_cached: int = 0
     wall_s: float = 0.0
     models: dict[str, dict[str, int]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)

@@ -18,6 +18,15 @@ How it works, in the manner of llama.cpp's ``batched`` and ``parallel`` examples
 * Admission: a job starts only when its model's KV cache has room for everything it may still write (an extend
   reserves its ``max_tokens``), so a running branch never fails for lack of cells; when the cache is full new jobs
   wait in FIFO order. A job that could never fit is refused at once with a clear error.
+* **Prefix cache across requests** (``prefix_cache_tokens``, 0 turns it off): when a root branch is released, its
+  prompt's cells stay, under the sequence id the root had, and a later ``open`` whose prompt starts the same way
+  shares the longest such prefix (``llama_memory_seq_cp`` of its cells ``[0, n)``: no copy, no compute) and evaluates
+  only the rest; ``Usage.prompt_tokens_cached`` counts what it reused. Cells are counted in a tree of segments shared
+  by forks and cached prompts alike, and the cache keeps at most ``prefix_cache_tokens`` of them, least recently used
+  leaving first (``prefix_cache.py``). It never makes a job wait: admission evicts cached prompts whenever a job needs
+  their cells or a sequence id, and ``stats().kv_cells_used`` counts only the cells that live branches hold. Under
+  speculative decoding a cached prompt keeps its shadow's cells in the draft's context too, and is evicted from both
+  at once, so the draft's context still never holds more than the target's plus the proposals of one step.
 * **Speculative decoding** (``draft=``): every branch of the target model has a *shadow* sequence in the draft
   model's context holding the same tokens. A speculative step lets the draft propose ``k`` tokens for every
   extending branch (k draft decodes, all branches batched), then the target verifies all proposals of all branches
@@ -45,9 +54,11 @@ import numpy as np
 
 from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
                    SamplingParams, StopIf, Usage)
+from .prefix_cache import CachedPrompt, PrefixCache, Segment, drop, prefix_of
 from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
 
 DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first, and the cap of the adaptation
+PREFIX_CACHE_TOKENS = 8192  # default budget of the prefix cache, in cells of each model's context
 
 
 @llama.llama_log_callback
@@ -58,20 +69,14 @@ def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 @dataclass(eq=False)
-class _Segment:
-    """A run of KV cells written by one sequence between forks; shared by every descendant that forked after it."""
-
-    cells: int = 0
-    holders: int = 1
-
-
-@dataclass(eq=False)
 class LlamaBranch(Branch):
     runner: _ModelRunner | None = None
     seq_id: int = -1
     pending: int = -1  # last token received, not yet in the KV cells
     n_past: int = 0  # tokens in the KV cells (positions 0..n_past-1)
-    segments: list[_Segment] = field(default_factory=list)  # the last one is this branch's own
+    segment: Segment | None = None  # the segment this branch writes into; its parents hold the cells before
+    prompt: list[int] | None = None  # a root's prompt tokens
+    prompt_end: Segment | None = None  # a root's own hold on its prompt's cells, for the prefix cache
     seeds: np.random.SeedSequence | None = None
     rng: np.random.Generator | None = None
     utf8_state: tuple[bytes, int] = (b"", 0)  # incremental UTF-8 decoder state (a character split across tokens)
@@ -131,7 +136,7 @@ class _ModelRunner:
     worker thread, and hands the result to ``apply`` back on the event loop."""
 
     def __init__(self, engine: LlamaCppEngine, model: ModelInfo, *, n_ctx: int, n_seq_max: int, n_batch: int,
-                 n_threads: int):
+                 n_threads: int, prefix_cache_tokens: int):
         self.engine = engine
         self.model = model
         params = llama.llama_model_default_params()
@@ -171,6 +176,11 @@ class _ModelRunner:
         self._cells_reserved = 0
         self._live: set[LlamaBranch] = set()
         self.counters = EngineStats(kv_cells_total=self.n_ctx)
+        self.prefix_cache = (PrefixCache(min(prefix_cache_tokens, self.n_ctx), self._forget)
+                             if prefix_cache_tokens > 0 else None)
+        # The caches whose prompts hold cells and sequence ids of this context: its own, or for a draft model its
+        # target's (a target's cached prompt keeps its shadow's cells here too).
+        self.caches = [self.prefix_cache] if self.prefix_cache is not None else []
 
     # ---- text --------------------------------------------------------------------------------------------------
 
@@ -243,26 +253,59 @@ class _ModelRunner:
 
     # ---- the Branch API --------------------------------------------------------------------------------------
 
-    async def open(self, tokens: list[int], usage: Usage, *, shadow: bool = False) -> LlamaBranch:
-        usage.add("prompt_tokens", len(tokens), self.model.name)
+    async def open(self, tokens: list[int], usage: Usage) -> LlamaBranch:
+        """The root branch of ``tokens``: the longest prefix that the prefix cache holds is shared, the rest
+        evaluated (under speculative decoding in the draft model's shadow too)."""
         (seq,) = await self._take_seqs(1)
-        root = LlamaBranch(engine=self.engine, usage=usage, context_tokens=len(tokens), model=self.model.name,
-                           runner=self, seq_id=seq, pending=tokens[-1], segments=[_Segment()],
-                           seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
-        root.rng = np.random.default_rng(root.seeds)
-        self._live.add(root)
-        self.counters.prefills += 1
+        shadow_seq = None
+        if self.draft is not None:
+            try:
+                (shadow_seq,) = await self.draft._take_seqs(1)
+            except BaseException:
+                self._return_seqs([seq])
+                raise
+        # Nothing waits from here to the feeds: the cached prompt found now cannot leave before its cells are
+        # shared.
+        hit, reused = self.prefix_cache.longest(tokens[:-1]) if self.prefix_cache is not None else (None, 0)
+        kept = hit.value if hit is not None else [None, None]
+        root = self._root(seq, tokens, usage, kept[0], reused)
+        if self.draft is not None:
+            root.shadow = self.draft._root(shadow_seq, tokens, usage, kept[1], reused, shadow=True)
+        for runner in filter(None, (self, self.draft)):
+            runner.counters.prefills += 1
+        rest = tokens[reused:-1]
         try:
-            await asyncio.gather(
-                self._feed(root, tokens[:-1]),
-                *([self._open_shadow(root, tokens)] if self.draft is not None else []))
+            await asyncio.gather(self._feed(root, rest),
+                                 *([self.draft._feed(root.shadow, rest)] if root.shadow is not None else []))
         except BaseException:
             root.release()
             raise
+        for branch in filter(None, (root, root.shadow)):
+            # The cells so far are the prompt's: the root keeps a hold of its own on them (so that they can stay in
+            # the prefix cache when it is released) and writes on into a new segment.
+            branch.prompt_end = branch.segment
+            branch.segment.holders += 1
+            branch.segment = Segment(parent=branch.prompt_end)
         return root
 
-    async def _open_shadow(self, root: LlamaBranch, tokens: list[int]) -> None:
-        root.shadow = await self.draft.open(tokens, root.usage, shadow=True)
+    def _root(self, seq: int, tokens: list[int], usage: Usage, kept: tuple | None, reused: int, *,
+              shadow: bool = False) -> LlamaBranch:
+        """A new root branch on sequence ``seq`` that shares the first ``reused`` cells of a cached prompt's
+        sequence ``kept`` (``(runner, sequence id, last segment)``)."""
+        usage.add("prompt_tokens", len(tokens), self.model.name)
+        shared = None
+        if reused:
+            _, kept_seq, kept_last = kept
+            shared = prefix_of(kept_last, reused)
+            shared.holders += 1
+            self._kv_ops.append(("cp", kept_seq, seq, reused))
+            usage.add("prompt_tokens_cached", reused, self.model.name)
+        root = LlamaBranch(engine=self.engine, usage=usage, context_tokens=len(tokens), model=self.model.name,
+                           runner=self, seq_id=seq, pending=tokens[-1], n_past=reused, segment=Segment(parent=shared),
+                           prompt=tokens, seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
+        root.rng = np.random.default_rng(root.seeds)
+        self._live.add(root)
+        return root
 
     async def _feed(self, branch: LlamaBranch, tokens: list[int]) -> None:
         if tokens:
@@ -278,17 +321,17 @@ class _ModelRunner:
             self._return_seqs(seqs)
             raise PonderError("cannot fork a released branch")
         shadows = await self.draft.fork(branch.shadow, n) if branch.shadow is not None else [None] * n
-        shared = branch.segments
-        for seg in shared:
-            seg.holders += n
-        branch.segments = shared + [_Segment()]
+        # The children and the parent go on in segments of their own, under the parent's segment so far.
+        shared = branch.segment
+        shared.holders += n
+        branch.segment = Segment(parent=shared)
         children = []
         for seq, seeds, shadow in zip(seqs, branch.seeds.spawn(n), shadows):
-            self._kv_ops.append(("cp", branch.seq_id, seq))
+            self._kv_ops.append(("cp", branch.seq_id, seq, -1))
             child = LlamaBranch(
                 engine=self.engine, usage=branch.usage, context_tokens=branch.context_tokens, **branch.history(),
                 runner=self, seq_id=seq, pending=branch.pending, n_past=branch.n_past,
-                segments=shared + [_Segment()], seeds=seeds, rng=np.random.default_rng(seeds),
+                segment=Segment(parent=shared), seeds=seeds, rng=np.random.default_rng(seeds),
                 utf8_state=branch.utf8_state, shadow=shadow, draft_behind=list(branch.draft_behind),
                 draft_k=branch.draft_k, is_shadow=branch.is_shadow,
             )
@@ -352,12 +395,11 @@ class _ModelRunner:
             raise PromptTooLongError(f"scoring {len(targets)} tokens after {branch.n_past + 1} does not fit in "
                                      f"the context of {self.n_ctx}")
         (seq,) = await self._take_seqs(1)
-        for seg in branch.segments:
-            seg.holders += 1
+        branch.segment.holders += 1
         probe = LlamaBranch(engine=self.engine, usage=branch.usage, context_tokens=branch.context_tokens,
                             model=branch.model, runner=self, seq_id=seq, n_past=branch.n_past,
-                            segments=branch.segments + [_Segment()])
-        self._kv_ops.append(("cp", branch.seq_id, seq))
+                            segment=Segment(parent=branch.segment))
+        self._kv_ops.append(("cp", branch.seq_id, seq, -1))
         self._live.add(probe)
         # Feeding [pending, t0 .. t(m-2)] yields the distributions that predict t0 .. t(m-1).
         feed = _Feed(probe, [branch.pending] + targets[:-1], self.engine.new_future(), want_logprobs=True,
@@ -370,6 +412,53 @@ class _ModelRunner:
         return feed.logprob
 
     def release(self, branch: LlamaBranch) -> None:
+        """Free the branch's cells now, but a root's prompt: that stays in the prefix cache, if there is one."""
+        if self._cacheable(branch):
+            kept = [self._retire(branch)] + ([self.draft._retire(branch.shadow)] if branch.shadow is not None else [])
+            self.prefix_cache.add(branch.prompt[:-1], branch.prompt_end, kept)
+        else:
+            self._stop_jobs(branch)
+            self._live.discard(branch)
+            self._cells_used -= drop(branch.segment) + drop(branch.prompt_end)
+            branch.segment = branch.prompt_end = None
+            self._kv_ops.append(("rm", branch.seq_id))
+            self._return_seqs([branch.seq_id])
+            if branch.shadow is not None:
+                branch.shadow.release()
+        self.engine.kick()
+
+    def _cacheable(self, root: LlamaBranch) -> bool:
+        """Whether a released root's prompt should stay in the prefix cache: it was evaluated, and no job is waiting
+        for a sequence id (which the cached prompt would keep). A shadow's prompt stays with its target's."""
+        waiting = self._seq_waiters or (self.draft is not None and self.draft._seq_waiters)
+        return (self.prefix_cache is not None and root.prompt_end is not None and not root.is_shadow
+                and len(root.prompt) > 1 and not waiting)
+
+    def _retire(self, root: LlamaBranch) -> tuple[_ModelRunner, int, Segment]:
+        """Release ``root`` except its prompt's cells, which its sequence keeps (the cells after them are removed);
+        return what the prefix cache needs to reuse and free them: ``(runner, sequence id, last segment)``."""
+        root.released = True  # a shadow is retired by its target's release, not by its own
+        self._stop_jobs(root)
+        self._live.discard(root)
+        self._cells_used -= drop(root.segment)
+        root.segment = None
+        self._kv_ops.append(("rm_from", root.seq_id, len(root.prompt) - 1))
+        return self, root.seq_id, root.prompt_end
+
+    @staticmethod
+    def _forget(entry: CachedPrompt) -> None:
+        """Free a cached prompt's cells and sequence ids, in the target's context and its draft's."""
+        for runner, seq, last in entry.value:
+            runner._cells_used -= drop(last)
+            runner._kv_ops.append(("rm", seq))
+            runner._return_seqs([seq])
+
+    def _evict_one(self) -> bool:
+        """Free the least recently used cached prompt that holds cells and a sequence id here; False if none does."""
+        return any(cache.evict_oldest() for cache in self.caches)
+
+    def _stop_jobs(self, branch: LlamaBranch) -> None:
+        """End the branch's extend (as cancelled) and its feeds (with an error) and give back their reservations."""
         job = branch.job
         if job is not None:
             branch.job = None
@@ -386,21 +475,23 @@ class _ModelRunner:
             self._cells_reserved -= feed.reserved
             if not feed.future.done():
                 feed.future.set_exception(PonderError("the branch was released while its prompt was evaluated"))
-        for seg in branch.segments:
-            seg.holders -= 1
-            if seg.holders == 0:
-                self._cells_used -= seg.cells
-        branch.segments = []
-        self._live.discard(branch)
-        self._kv_ops.append(("rm", branch.seq_id))
-        self._return_seqs([branch.seq_id])
-        if branch.shadow is not None:
-            branch.shadow.release()
-        self.engine.kick()
+
+    def _cells_in_use(self) -> int:
+        """Cells that live branches hold. The rest of ``_cells_used`` is held by cached prompts only: free for the
+        taking, since admission evicts them before a job would wait."""
+        seen: set[Segment] = set()
+        total = 0
+        for branch in self._live:
+            for segment in (branch.segment, branch.prompt_end):
+                while segment is not None and segment not in seen:
+                    seen.add(segment)
+                    total += segment.cells
+                    segment = segment.parent
+        return total
 
     def stats(self) -> EngineStats:
         return replace(self.counters, live_branches=sum(1 for b in self._live if not b.is_shadow),
-                       kv_cells_used=self._cells_used, waiting=len(self._waiting) + len(self._seq_waiters))
+                       kv_cells_used=self._cells_in_use(), waiting=len(self._waiting) + len(self._seq_waiters))
 
     def close(self) -> None:
         if self._ctx:
@@ -415,6 +506,10 @@ class _ModelRunner:
         if n > self.n_seq_max:
             raise PonderError(f"asked for {n} branches at once; this engine holds at most {self.n_seq_max} "
                               f"(raise n_seq_max)")
+        # Cached prompts give their sequence ids back before anyone waits for one.
+        wanted = n + sum(k for k, _ in self._seq_waiters)
+        while len(self._free_seqs) < wanted and self._evict_one():
+            pass
         if len(self._free_seqs) >= n and not self._seq_waiters:
             return [self._free_seqs.popleft() for _ in range(n)]
         waiter = self.engine.new_future()
@@ -429,7 +524,7 @@ class _ModelRunner:
                 waiter.set_result([self._free_seqs.popleft() for _ in range(n)])
 
     async def _submit(self, job: _Extend | _Feed, *, cells: int):
-        own = sum(s.cells for s in job.branch.segments)
+        own = job.branch.n_past
         if cells > self.n_ctx - own:
             raise PromptTooLongError(f"needs {cells} KV cells beyond the {own} it holds; the context has "
                                      f"{self.n_ctx} in all")
@@ -450,6 +545,11 @@ class _ModelRunner:
             # A draft model's shadows live in the margin of its context (see the module docstring): they only need
             # cells that are free, not unreserved.
             reserved = 0 if job.branch.is_shadow else self._cells_reserved
+            short = need - (self.n_ctx - self._cells_used - reserved)
+            if 0 < short <= self._cells_used - self._cells_in_use():
+                # Cells that only cached prompts hold make up the difference: they go, least recently used first.
+                while self.n_ctx - self._cells_used - reserved < need and self._evict_one():
+                    pass
             if self.n_ctx - self._cells_used - reserved < need:
                 break
             self._waiting.popleft()
@@ -502,6 +602,8 @@ class _ModelRunner:
         for branch in list(self._live):
             branch.job = None
             branch.release()
+        for cache in self.caches:
+            cache.clear()
         self._decoding.clear()
         self._feeding.clear()
         self._waiting.clear()
@@ -512,11 +614,11 @@ class _ModelRunner:
 
     def _apply_kv_ops(self, ops: list[tuple]) -> None:
         for op in ops:
-            if op[0] == "cp":
-                llama.llama_memory_seq_cp(self._memory, op[1], op[2], -1, -1)
+            if op[0] == "cp":  # sequence op[1]'s cells before position op[3] (-1: all) join sequence op[2]
+                llama.llama_memory_seq_cp(self._memory, op[1], op[2], 0, op[3])
             elif op[0] == "rm":
                 llama.llama_memory_seq_rm(self._memory, op[1], -1, -1)
-            elif op[0] == "rm_from":  # speculative tokens that were rejected: positions op[2].. of sequence op[1]
+            elif op[0] == "rm_from":  # positions op[2].. of sequence op[1]: rejected drafts, or past a kept prompt
                 llama.llama_memory_seq_rm(self._memory, op[1], op[2], -1)
             else:
                 llama.llama_memory_clear(self._memory, True)
@@ -621,7 +723,7 @@ class _ModelRunner:
             fed = stop - start
             feed.done = stop
             feed.branch.n_past += fed
-            feed.branch.segments[-1].cells += fed
+            feed.branch.segment.cells += fed
             self._cells_used += fed
             self._cells_reserved -= fed
             feed.reserved -= fed
@@ -634,7 +736,7 @@ class _ModelRunner:
         """The branch's pending token entered the cells and ``s`` is its next one; True when the extend ended."""
         b = job.branch
         b.n_past += 1
-        b.segments[-1].cells += 1
+        b.segment.cells += 1
         self._cells_used += 1
         self._cells_reserved -= 1
         job.reserved -= 1
@@ -676,7 +778,7 @@ class _ModelRunner:
         draft._kv_ops.append(("rm_from", shadow.seq_id, keep))
         grown = keep - shadow.n_past
         shadow.n_past = keep
-        shadow.segments[-1].cells += grown
+        shadow.segment.cells += grown
         draft._cells_used += grown
         b.draft_behind = backlog[grown:]
         if drafted:
@@ -709,12 +811,15 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, model: ModelInfo, *, draft: ModelInfo | None = None, n_ctx: int = 32768,
                  n_seq_max: int = 64, n_batch: int = 512, n_threads: int | None = None, seed: int | None = None,
-                 stall_timeout_s: float = 60.0):
+                 stall_timeout_s: float = 60.0, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS):
+        if prefix_cache_tokens < 0:
+            raise PonderError(f"prefix_cache_tokens must be 0 (no prefix cache) or more, got {prefix_cache_tokens}")
         self.model = model
         self.seed = seed
         self.stall_timeout_s = stall_timeout_s
         self._runner_options = dict(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch,
-                                    n_threads=n_threads or os.cpu_count() or 1)
+                                    n_threads=n_threads or os.cpu_count() or 1,
+                                    prefix_cache_tokens=prefix_cache_tokens)
         llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
         llama.llama_backend_init()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponder-decode")
@@ -731,6 +836,10 @@ class LlamaCppEngine(Engine):
                 raise PonderError(f"{draft.name} cannot draft for {model.name}: their vocabularies differ "
                                   f"({draft_runner.n_vocab} and {target.n_vocab} tokens)")
             target.draft = draft_runner
+            # The draft's context holds shadows that grow without admission (in its margin): no cached prompts of
+            # its own there, only the shadows of the target's, which mirror the target's cells.
+            draft_runner.prefix_cache = None
+            draft_runner.caches = list(target.caches)
         self.draft = draft
 
     def _load(self, model: ModelInfo, margin: int = 0) -> _ModelRunner:
@@ -828,6 +937,17 @@ class LlamaCppEngine(Engine):
         assert isinstance(branch, LlamaBranch)
         branch.runner.release(branch)
 
+    def prefix_cache_cells(self, model: str | None = None) -> int:
+        """KV cells the prefix cache of ``model`` (default: the engine's model) keeps, shared ones counted once."""
+        cache = self._runners[model or self.model.name].prefix_cache
+        return cache.cells() if cache is not None else 0
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt of every model (their cells are freed by the next decode step)."""
+        for runner in self._loaded:
+            if runner.prefix_cache is not None:
+                runner.prefix_cache.clear()
+
     def stats(self) -> EngineStats:
         total = EngineStats()
         for runner in self._loaded:
@@ -887,16 +1007,29 @@ class LlamaCppEngine(Engine):
                 continue
             for runner in busy:  # one step of each model in turn: their batches interleave on the one worker
                 plan = runner.plan()
+                step = loop.run_in_executor(self._executor, runner.step, plan)
                 try:
                     # shield: if this task is cancelled the worker still finishes its decode before the next one
-                    out = await asyncio.shield(loop.run_in_executor(self._executor, runner.step, plan))
+                    out = await asyncio.shield(step)
                 except asyncio.CancelledError:
-                    self._fail_all(EngineError("the engine loop was cancelled"))
+                    await self._cancelled(runner, plan, step)
                     raise
                 except Exception as exc:  # the jobs' futures carry the error to their callers
                     self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"decode failed: {exc!r}"))
                     return
                 runner.apply(plan, out)
+
+    async def _cancelled(self, runner: _ModelRunner, plan: _StepPlan, step: asyncio.Future) -> None:
+        """The scheduling task was cancelled, most often because ``asyncio.run`` ends while a last step (the KV
+        operations of a release) is on the worker. Let that step finish, so that the KV cache is in a known state, and
+        fail only the jobs still in flight: the prefix cache stays for the engine's next event loop."""
+        try:
+            runner.apply(plan, await step)
+        except Exception as exc:
+            self._fail_all(EngineError(f"decode failed: {exc!r}"))
+            return
+        if any(r._decoding or r._feeding or r._waiting for r in self._loaded):
+            self._fail_all(EngineError("the engine loop was cancelled"))
 
     def _fail_all(self, exc: BaseException) -> None:
         for runner in self._loaded:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.base import Usage
+
 MAX_N = 64  # branches of one request; the in-process engine holds 64 sequences by default
 MAX_TOKENS = 32768  # per branch; the engine still refuses what does not fit its context
 MAX_BUDGET = 10_000_000
@@ -149,10 +151,25 @@ class Choice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV cells came from the engine's prefix cache
+
+
 class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, usage: Usage) -> CompletionUsage:
+        """OpenAI's usage of a request from ponder's account: prompt tokens are the prompts, appended and scored
+        text (everything the model read), completion tokens every branch's sampled tokens, and the cached tokens
+        the part of the prompt tokens that the prefix cache held."""
+        prompt_tokens = usage.prompt_tokens + usage.scored_tokens
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=usage.generated_tokens,
+                   total_tokens=prompt_tokens + usage.generated_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.prompt_tokens_cached))
 
 
 class ChatCompletion(BaseModel):
