@@ -199,7 +199,7 @@ def run_system(out_dir: Path, system: str, runner, problems, dataset, config: di
             row = {"id": problem.id, "answer": answer.answer, "gold": problem.answer,
                    "correct": dataset.score(answer.answer, problem), "wall_s": round(wall_s, 3),
                    "upstream": asdict(upstream) if upstream else None, "reported": answer.reported,
-                   "error": answer.error}
+                   "error": answer.error, "text": answer.text}
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"  {system} {problem.id}: {answer.answer!r} (gold {problem.answer!r}) "

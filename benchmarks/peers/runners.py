@@ -1,8 +1,8 @@
 """One runner per system of ``bench_peers.py``: each answers one question at a time and says what it reported.
 
 A runner is a context manager (it starts what it needs and stops it) with ``solve(question, seed) -> Answer`` (only
-ponder takes the seed: the peers have no per-question seed). The remote
-runners talk only to ``base_url``, the counting proxy's URL for that system; the in-process one loads the model.
+ponder uses the seed: the peers take no per-question seed). The remote runners talk only to ``base_url``, the
+counting proxy's URL for that system; the in-process one loads the model.
 Peer code runs in the peer's venv: optillm as its own proxy server (as its README tells a user to run it), its_hub
 through ``its_hub_driver.py``; this process only speaks HTTP or JSON lines to them.
 """
@@ -48,6 +48,7 @@ class Settings:
 @dataclass
 class Answer:
     answer: str | None  # the final answer, extracted with ponder.answers
+    text: str | None = None  # the final text it was read from (a peer's reply, ponder's chosen branch)
     reported: dict = field(default_factory=dict)  # the system's own usage report
     error: str | None = None
 
@@ -90,7 +91,7 @@ class OptillmRunner:
             return Answer(None, error=f"optillm answered {reply.status_code}: {reply.text[:300]}")
         data = reply.json()
         text = data["choices"][0]["message"]["content"] or ""
-        return Answer(extract_answer(text), reported=data.get("usage") or {})
+        return Answer(extract_answer(text), text, reported=data.get("usage") or {})
 
 
 class ItsHubRunner:
@@ -129,7 +130,7 @@ class ItsHubRunner:
         reply = self._read()
         if "error" in reply:
             return Answer(None, error=reply["error"])
-        return Answer(extract_answer(reply["text"]), reported=reply["usage"] or {})
+        return Answer(extract_answer(reply["text"]), reply["text"], reported=reply["usage"] or {})
 
 
 class PonderRunner:
@@ -157,5 +158,6 @@ class PonderRunner:
         except ponder.PonderError as exc:
             return Answer(None, error=str(exc))
         u = result.usage
-        return Answer(result.answer, reported={"prompt_tokens": u.prompt_tokens, "completion_tokens":
+        chosen = next((b.text for b in result.branches if b.answer == result.answer), None)
+        return Answer(result.answer, chosen, reported={"prompt_tokens": u.prompt_tokens, "completion_tokens":
                                                u.generated_tokens, "scored_tokens": u.scored_tokens})
