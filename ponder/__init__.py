@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from .engine import Engine, PonderError, SamplingParams, load_engine
+from .prompts import DEFAULT_TEMPLATE, MathPrompt
 from .result import Result
 
 __version__ = "0.1.0"
@@ -30,7 +31,7 @@ def get_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: 
 async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, *,
                     temperature: float = 0.7, top_p: float = 0.95, top_k: int = 40, max_tokens: int = 1024,
                     seed: int | None = None, engine: Engine | None = None, draft: str | None = None,
-                    **options) -> Result:
+                    system: str | None = None, prompt_template: str = DEFAULT_TEMPLATE, **options) -> Result:
     """``ask`` for code that already runs an event loop (a server, a notebook)."""
     from .strategies import get_strategy
 
@@ -40,15 +41,19 @@ async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str 
         raise PonderError(f"n must be at least 1, got {n}")
     run = get_strategy(strategy)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens).validate()
-    return await run(engine or get_engine(model, draft=draft), question, n=n, params=params, seed=seed, **options)
+    prompt = MathPrompt(system, prompt_template)
+    return await run(engine or get_engine(model, draft=draft), question, n=n, params=params, seed=seed, prompt=prompt,
+                     **options)
 
 
 def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, **kwargs) -> Result:
     """Answer ``question`` with ``strategy`` over ``n`` branches of ``model`` (the bundled 0.5B by default).
 
     Keyword arguments: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``seed``, ``draft`` (a smaller model
-    that drafts for ``model``: speculative decoding), ``engine`` (an Engine to use instead of loading ``model``), and
-    any option of the strategy.
+    that drafts for ``model``: speculative decoding), ``engine`` (an Engine to use instead of loading ``model``),
+    ``system`` (a system message; default none, so the model's default one), ``prompt_template`` (the user turn,
+    ``{question}`` where the question goes; default: the question, then the instruction to reason step by step and
+    box the answer), and any option of the strategy.
     """
     return asyncio.run(ask_async(question, strategy, n, model, **kwargs))
 

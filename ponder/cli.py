@@ -16,8 +16,8 @@ from rich.table import Table
 from . import __version__
 from .engine import Engine, PonderError
 from .models import CATALOG, file_sha256, status
-from .options import (add_model_arguments, add_sampling_arguments, check_strategy_options, engine_from_args,
-                      sampling_params, strategy_options)
+from .options import (add_model_arguments, add_prompt_arguments, add_sampling_arguments, check_strategy_options,
+                      engine_from_args, prompt_from_args, sampling_params, strategy_options)
 from .result import Result
 
 err = Console(stderr=True)
@@ -65,6 +65,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not question:
         raise PonderError("the question is empty")
     params = sampling_params(args)
+    prompt = prompt_from_args(args)
     options = check_strategy_options(args.strategy, strategy_options(args.option))
     run = get_strategy(args.strategy)
     if args.tree is not None:
@@ -74,7 +75,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         engine = engine_from_args(args)
     try:
         result = asyncio.run(_run_with_progress(
-            engine, run(engine, question, n=args.n, params=params, seed=args.seed, **options),
+            engine, run(engine, question, n=args.n, params=params, seed=args.seed, prompt=prompt, **options),
             f"{args.strategy} on {engine.model.name}", show))
     finally:
         engine.close()
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: self-consistency over 8 sampled branches of the bundled model).")
     ask.add_argument("question", help="the question, in quotes")
     add_sampling_arguments(ask, n_default=8, max_tokens_default=1024)
+    add_prompt_arguments(ask)
     add_model_arguments(ask)
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, votes, branches, usage, "
                                                          "model) instead of the answer and a summary")

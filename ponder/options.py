@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -13,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from .engine import ENGINES, load_engine
 from .engine.base import Engine, PonderError, SamplingParams
 from .models import CATALOG, DEFAULT_MODEL
-from .prompts import CHAT_TEMPLATES
+from .prompts import CHAT_TEMPLATES, INSTRUCTION, MathPrompt
 
 
 def positive_int(text: str) -> int:
@@ -75,6 +76,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, m
                        help="a strategy-specific option (repeatable), e.g. --option threshold=0.9")
 
 
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prompt")
+    group.add_argument("--system", metavar="TEXT", default=None,
+                       help="a system message before the question (default: none, so the model's chat template puts "
+                            "its own default one)")
+    group.add_argument("--prompt-template", metavar="FILE", type=Path, default=None,
+                       help="a text file holding the user turn, with {question} where the question goes (default: "
+                            f'the question, a line break, then "{INSTRUCTION}"). pal writes its own program prompt '
+                            "and does not take one; mix uses it for its reasoning branches only")
+
+
+def prompt_from_args(args: argparse.Namespace) -> MathPrompt:
+    """The prompt the prompt arguments ask for; a missing file or one without ``{question}`` is a ``PonderError``."""
+    if args.prompt_template is None:
+        return MathPrompt(args.system)
+    return MathPrompt.from_file(args.prompt_template, args.system)
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from parsed arguments; ValueError names a bad value."""
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -103,7 +122,7 @@ class OptionError(PonderError):
         self.option = option
 
 
-_RUN_ARGUMENTS = {"engine", "question", "n", "params", "seed"}  # given by the caller, never as an option
+_RUN_ARGUMENTS = {"engine", "question", "n", "params", "seed", "prompt"}  # given by the caller, never as an option
 
 
 def strategy_parameters(run) -> dict[str, inspect.Parameter]:

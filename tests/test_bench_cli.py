@@ -85,6 +85,17 @@ def test_bench_passes_strategy_options_and_model_flags(tmp_path, loads):
     assert loads[0]["model"] == "qwen2.5-0.5b"
 
 
+def test_bench_records_the_prompt_arguments(tmp_path, loads):
+    out, template = tmp_path / "r.jsonl", tmp_path / "template.txt"
+    template.write_text("Q: {question}\n")
+    assert ponder("bench", "--data", FIXTURE, "--limit", "1", "--n", "2", "--system", "You are terse.",
+                  "--prompt-template", str(template), "--out", str(out)) == 0
+    assert read_results(out)[0]["config"]["prompt"] == {"system": "You are terse.", "template": "Q: {question}"}
+    with pytest.raises(PonderError, match="config.prompt.system is 'You are terse.' in the file, None now"):
+        ponder("bench", "--data", FIXTURE, "--limit", "1", "--n", "2", "--prompt-template", str(template),
+               "--out", str(out))
+
+
 @pytest.mark.parametrize("extra, recorded", [
     ([], True),  # the in-process engine computes logprobs anyway
     (["--no-record-logprobs"], False),
@@ -114,6 +125,7 @@ def test_a_strategy_that_needs_logprobs_gets_them_on_a_remote_engine(tmp_path, l
     (["--strategy", "nope"], PonderError, "unknown strategy 'nope'"),
     (["--temperature", "-1"], ValueError, "temperature"),
     (["--offset", "99"], PonderError, "past the end"),
+    (["--prompt-template", "no-such-template.txt"], PonderError, "no-such-template.txt: no such file"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, loads, extra, error, message):
     with pytest.raises(error, match=message):

@@ -10,10 +10,11 @@ import pytest
 from rich.console import Console
 
 from ponder.bench.datasets import load_dataset
-from ponder.bench.report import load_runs, pareto_series, plot_pareto, write_report
+from ponder.bench.report import load_runs, pareto_series, plot_pareto, prompt_tag, write_report
 from ponder.bench.runner import BenchConfig, read_results, run_bench
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine
+from ponder.prompts import MathPrompt
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_problems.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -216,3 +217,29 @@ def test_labels_show_the_options_a_run_set_and_defaults_for_the_rest(results, tm
     assert runs[0].label == "sc n=4 weighting=logprob"  # set, so shown even without a peer
     runs, _ = load_runs([logprob, results["sc4"]])
     assert [run.label for run in runs] == ["sc n=4 weighting=logprob", "sc n=4 weighting=majority"]
+
+
+def test_runs_asked_with_different_prompts_are_flagged(results, tmp_path):
+    terse = MathPrompt("You are terse.")
+    other = bench(tmp_path / "terse.jsonl", BenchConfig("sc", 4, SamplingParams(), prompt=terse),
+                  ["\\boxed{7}", "\\boxed{18}"])
+    console = Console(record=True, width=300)
+    runs = write_report([results["sc4"], other, results["greedy"]], tmp_path / "p.png", console)
+    tag = prompt_tag(terse)
+    assert len(tag) == 6 and tag != "default"
+    assert [run.label for run in runs] == ["sc n=4 prompt=default", f"sc n=4 prompt={tag}", "greedy prompt=default"]
+    note = "asked with different prompts"
+    for text in (console.export_text(), (tmp_path / "p.md").read_text()):
+        assert note in text and f"{tag}: system message 'You are terse.', the default template" in text
+        assert "default: no system message, the default template" in text
+
+
+def test_runs_of_one_prompt_are_not_flagged_and_older_files_count_as_the_default(results, tmp_path):
+    header, records = read_results(results["sc4"])
+    del header["config"]["prompt"]  # as written before the header recorded the prompt
+    older = tmp_path / "older.jsonl"
+    older.write_text("".join(json.dumps(line) + "\n" for line in [header, *records]))
+    console = Console(record=True, width=300)
+    runs = write_report([older, results["sc6"]], None, console)
+    assert [run.label for run in runs] == ["sc n=4 temperature=0.7", "sc n=6 temperature=1.0"]
+    assert "prompt=" not in console.export_text() and "different prompts" not in console.export_text()

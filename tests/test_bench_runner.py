@@ -22,6 +22,7 @@ from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import BenchConfig, ResultsFile, make_header, problem_seed, read_results, run_bench
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, Script
+from ponder.prompts import DEFAULT_TEMPLATE, MathPrompt
 from ponder.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,8 @@ def test_resume_after_kill_9(tmp_path):
     (lambda c, e, d: (replace(c, n=8), e, d), "config.n"),
     (lambda c, e, d: (replace(c, strategy="greedy"), e, d), "strategy"),
     (lambda c, e, d: (replace(c, options={"x": 1}), e, d), "config.options.x"),
+    (lambda c, e, d: (replace(c, prompt=MathPrompt("You are terse.")), e, d), "config.prompt.system"),
+    (lambda c, e, d: (replace(c, prompt=MathPrompt(template="Q: {question}")), e, d), "config.prompt.template"),
     (lambda c, e, d: (c, FakeEngine(["\\boxed{1}"], name="other") , d), None),  # same sha256: same model
     (lambda c, e, d: (c, e, load_dataset("gym:basic_arithmetic?seed=1&size=6")), "dataset sha256"),
 ])
@@ -180,6 +183,29 @@ def test_a_different_run_is_refused(tmp_path, change, field):
     with pytest.raises(PonderError, match=rf"{out} holds results of a different run \(.*{field} is"):
         ResultsFile(out, header)
     assert out.read_bytes() == before
+
+
+def test_the_header_records_the_prompt(tmp_path):
+    dataset = load_dataset(str(FIXTURE))
+    for prompt in (MathPrompt(), MathPrompt("You are terse.", "Q: {question}")):
+        out = tmp_path / f"{prompt.system}.jsonl"
+        run_bench(scripted_engine(), dataset, dataset.problems[:1], replace(SC4, prompt=prompt), out, progress=False)
+        assert read_results(out)[0]["config"]["prompt"] == {"system": prompt.system, "template": prompt.template}
+    assert read_results(tmp_path / "None.jsonl")[0]["config"]["prompt"]["template"] == DEFAULT_TEMPLATE
+
+
+def test_a_file_written_before_prompts_were_recorded_resumes_as_the_default_prompt(tmp_path):
+    dataset = load_dataset(str(FIXTURE))
+    out = tmp_path / "r.jsonl"
+    run_bench(scripted_engine(), dataset, dataset.problems[:2], SC4, out, progress=False)
+    header, *records = lines(out)
+    del header["config"]["prompt"]
+    out.write_text("".join(json.dumps(line) + "\n" for line in [header, *records]))
+    resumed = run_bench(scripted_engine(), dataset, dataset.problems, SC4, out, progress=False)
+    assert resumed.resumed == 2 and len(resumed.records) == 6
+    with pytest.raises(PonderError, match="config.prompt.system is None in the file, 'You are terse.' now"):
+        run_bench(scripted_engine(), dataset, dataset.problems, replace(SC4, prompt=MathPrompt("You are terse.")),
+                  out, progress=False)
 
 
 def test_another_model_is_refused(tmp_path):
@@ -226,16 +252,20 @@ def test_strategy_gets_the_config_and_a_per_problem_seed(tmp_path, monkeypatch):
     calls = []
     sc = STRATEGIES["sc"]
 
-    async def recording(engine, question, *, n, params, seed, depth=1):
+    async def recording(engine, question, *, n, params, seed, prompt, depth=1):
         calls.append((question, n, params.temperature, seed, depth))
+        prompts.append(prompt)
         return await sc(engine, question, n=n, params=params, seed=seed)
 
+    prompts = []
     monkeypatch.setitem(STRATEGIES, "recording", recording)
     dataset = load_dataset(str(FIXTURE))
-    config = BenchConfig("recording", 2, SamplingParams(temperature=0.3), seed=9, options={"depth": 4})
+    config = BenchConfig("recording", 2, SamplingParams(temperature=0.3), seed=9, options={"depth": 4},
+                         prompt=MathPrompt("You are terse."))
     run_bench(scripted_engine(), dataset, dataset.problems, config, tmp_path / "a.jsonl", concurrency=2,
               progress=False)
     assert sorted(calls) == sorted((p.question, 2, 0.3, problem_seed(9, p.id), 4) for p in dataset.problems)
+    assert prompts == [config.prompt] * len(dataset.problems)
     # the seed depends on the run seed and the problem alone, not on its position in the run
     shuffled = dataset.select(shuffle=True, seed=1)
     calls.clear()

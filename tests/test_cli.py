@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from recording_engine import RecordingEngine
 
+from ponder import options
 from ponder.cli import main
 
 
@@ -20,6 +22,7 @@ from ponder.cli import main
     (["ask", "hi", "--option", "novalue"], "--option takes KEY=VALUE"),
     (["ask", "hi", "--engine", "openai"], "needs --base-url"),
     (["ask", "hi", "--chat-template", "chatml"], "--chat-template is for --engine openai"),
+    (["ask", "hi", "--prompt-template", "missing.txt"], "--prompt-template missing.txt: no such file"),
     (["bench", "--data", "gsm8k", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--chat-template",
       "missing.jinja", "--out", "unused.jsonl"], "chat template 'missing.jinja' is neither a known name"),
 ])
@@ -61,3 +64,24 @@ def test_bad_strategy_options_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_template_without_the_question_placeholder_is_one_line(tmp_path, capsys):
+    template = tmp_path / "template.txt"
+    template.write_text("Solve it step by step.\n")
+    assert main(["ask", "hi", "--prompt-template", str(template)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-template {template}: the prompt template has no {{question}} placeholder" in err
+    assert err.count("\n") == 1
+
+
+def test_ask_asks_with_the_system_message_and_template_given(tmp_path, monkeypatch, capsys):
+    engine = RecordingEngine(["\\boxed{4}"])
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: engine)
+    template = tmp_path / "template.txt"
+    template.write_text("Question: {question}\nBox the answer.\n")
+    assert main(["ask", "What is 2+2?", "--n", "2", "--system", "You are terse.", "--prompt-template",
+                 str(template)]) == 0
+    assert capsys.readouterr().out == "4\n"
+    assert engine.chats == [[{"role": "system", "content": "You are terse."},
+                             {"role": "user", "content": "Question: What is 2+2?\nBox the answer."}]]

@@ -15,12 +15,15 @@ import httpx
 import openai
 import pytest
 from live_server import LiveServer
+from recording_engine import RecordingEngine
 
 from ponder.engine.base import EngineError, PonderError
 from ponder.engine.fake import FakeEngine
+from ponder.prompts import MathPrompt, math_messages
 from ponder.server import ServerConfig, create_app
 from ponder.server.cli import _listen
 from ponder.strategies import STRATEGIES
+from ponder.strategies.pal import program_messages
 
 QUESTION = "What is 40 + 2?"
 SCRIPTS = ["Add them: 40 + 2 = 42. \\boxed{42}", "Maybe \\boxed{7}", "So it is \\boxed{42}"]
@@ -168,11 +171,30 @@ def test_sampling_fields_reach_every_branch(serve):
     assert [b["generated_tokens"] for b in ponder["branches"]] == [5, 1, 4]  # max_tokens; the stop string
 
 
-def test_system_messages_are_ignored(serve):
-    server = serve(FakeEngine(SCRIPTS))
-    completion = server.client().chat.completions.create(model="fake", messages=[
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION}])
+def test_the_client_system_message_becomes_the_prompts(serve):
+    engine = RecordingEngine(SCRIPTS)
+    server = serve(engine)
+    completion = server.client().chat.completions.create(model="sc-3/fake", messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION},
+        {"role": "developer", "content": "Box the answer."}])
     assert completion.model_extra["ponder"]["answer"] == "42"
+    server.client().chat.completions.create(model="pal-1/fake", messages=[  # pal's own program prompt takes it too
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION}])
+    ask(server.client())
+    system, program, default = engine.chats
+    assert system == [{"role": "system", "content": "You are terse.\n\nBox the answer."}, *math_messages(QUESTION)]
+    assert program == program_messages(QUESTION, MathPrompt("You are terse."))
+    assert default == math_messages(QUESTION)
+
+
+def test_a_system_message_counts_toward_the_prompt_size_limit(serve):
+    server = serve(FakeEngine(SCRIPTS), max_prompt_chars=len(QUESTION) + 5)
+    assert ask(server.client()).model_extra["ponder"]["answer"] == "42"
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().chat.completions.create(model="fake", messages=[
+            {"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTION}])
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert f"the system and user messages have {len(QUESTION) + 14} characters" in caught.value.body["message"]
 
 
 def test_concurrent_requests_share_the_engine(serve):

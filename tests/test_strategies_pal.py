@@ -16,6 +16,7 @@ from ponder.bench.runner import BenchConfig, read_results, run_bench
 from ponder.cli import main
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine
+from ponder.prompts import MathPrompt
 from ponder.sandbox import Outcome
 from ponder.strategies import pal, sc
 
@@ -157,6 +158,13 @@ def test_bad_options_are_clear_errors():
         run(FakeEngine(["x"]), timeout=0)
     with pytest.raises(PonderError, match="threshold"):
         run(FakeEngine(["x"]), until="adaptive", threshold=2)
+
+
+def test_a_system_message_applies_but_a_template_is_refused():
+    engine = FakeEngine([reply("print(42)\n")])
+    assert run(engine, prompt=MathPrompt("You write Python.")).answer == "42"
+    with pytest.raises(PonderError, match="pal writes its own program prompt"):
+        run(engine, prompt=MathPrompt(template="Solve: {question}"))
 
 
 def test_ask_json_shows_each_program_its_output_and_status(monkeypatch, capsys):

@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 
 from ..engine.base import PonderError
-from ..options import (add_model_arguments, add_sampling_arguments, engine_from_args, positive_int, sampling_params,
-                       strategy_options)
+from ..options import (add_model_arguments, add_prompt_arguments, add_sampling_arguments, engine_from_args,
+                       positive_int, prompt_from_args, sampling_params, strategy_options)
 from .datasets import DATA_ENV, SHORT_NAMES, load_dataset
 
 # Engines that compute every token's logprob anyway (the in-process one holds the logits it samples from): recording
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     data.add_argument("--offset", type=int, default=0, help="skip this many problems first (default 0)")
     data.add_argument("--shuffle", action="store_true", help="shuffle the problems with --seed before --offset")
     add_sampling_arguments(bench, n_default=8, max_tokens_default=1024)
+    add_prompt_arguments(bench)  # recorded in the results header: runs with other prompts are other runs
     # A benchmark is always seeded: the seed fixes the shuffle and every problem's samples, so a resumed run
     # continues the same measurement.
     bench.set_defaults(seed=0)
@@ -82,7 +83,8 @@ def bench_command(args: argparse.Namespace) -> int:
         record = args.record_logprobs if args.record_logprobs is not None else args.engine in LOGPROBS_FREE_ON
         params = replace(sampling_params(args), logprobs=record, top_logprobs=args.top_logprobs).validate()
         # checked before the model loads, so a typo fails in a second
-        config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option)))
+        config = check_config(BenchConfig(args.strategy, args.n, params, args.seed, strategy_options(args.option),
+                                          prompt_from_args(args)))
         if args.replay is None:
             engine, replay = engine_from_args(args), {}
         else:

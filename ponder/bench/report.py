@@ -8,22 +8,29 @@ interval. The two panels put accuracy against the two costs per problem:
   k-subset of its samples;
 * wall time: for maj@k this is k/N of the run's wall time, i.e. the time k samples take *at the throughput the N-sample
   run had* (an estimate: a run with fewer samples batches fewer branches and decodes fewer tokens per second).
+
+Runs asked with different prompts (system message, user-turn template) are never compared silently: every label then
+names its run's prompt (``prompt=default`` or a short hash of it), and a note lists what each prompt was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..engine.base import PonderError
 from ..options import strategy_parameters
+from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from .metrics import RunMetrics, summarize
-from .runner import read_results
+from .runner import read_results, run_prompt
 
 # Costs are per problem: prompt and generated tokens, wall time (elapsed / problems), latency (start to answer).
 RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "wall s",
@@ -76,9 +83,10 @@ def load_runs(paths: Sequence[str | Path], common: bool = False) -> tuple[list[R
 
 
 def _label(runs: list[Run]) -> None:
-    """Name each run by its strategy, n, the settings that differ from other runs of the same strategy and the options
-    it set."""
+    """Name each run by its strategy, n, the settings that differ from other runs of the same strategy, the options
+    it set, and its prompt when the runs were not all asked with the same one."""
     settings = {id(run): _settings(run) for run in runs}
+    prompts_differ = len({run_prompt(run.header) for run in runs}) > 1
     for run in runs:
         peers = [settings[id(other)] for other in runs if other.header["strategy"] == run.header["strategy"]]
         varying = sorted({key for s in peers for key in s if any(p.get(key) != s.get(key) for p in peers)})
@@ -88,6 +96,8 @@ def _label(runs: list[Run]) -> None:
         # The settings that tell it from its peers, and the strategy options it was given (keep=10 makes DeepConf-low).
         shown = varying + sorted(set(run.header["config"]["options"]) - set(varying))
         parts += [f"{key}={settings[id(run)].get(key)}" for key in shown]
+        if prompts_differ:
+            parts.append(f"prompt={prompt_tag(run_prompt(run.header))}")
         if run.header.get("replay"):
             parts.append("(replay)")
         run.label = " ".join(parts)
@@ -113,6 +123,31 @@ def _option_defaults(strategy: str) -> dict:
     if run is None:  # a results file from a strategy this ponder no longer has
         return {}
     return {name: p.default for name, p in strategy_parameters(run).items() if p.default is not inspect.Parameter.empty}
+
+
+def prompt_tag(prompt: MathPrompt) -> str:
+    """A short name for a prompt: ``default``, or the first hex digits of a hash of it."""
+    if prompt == DEFAULT_PROMPT:
+        return "default"
+    return hashlib.sha256(json.dumps(prompt.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+
+
+def describe_prompt(prompt: MathPrompt) -> str:
+    system = "no system message" if prompt.system is None else f"system message {prompt.system!r}"
+    template = "the default template" if prompt.template == DEFAULT_TEMPLATE else f"template {prompt.template!r}"
+    return f"{system}, {template}"
+
+
+def prompt_note(runs: Sequence[Run]) -> str | None:
+    """What the runs' prompts were, unless every run used the default one."""
+    prompts = {prompt_tag(prompt): prompt for prompt in (run_prompt(run.header) for run in runs)}
+    if list(prompts) == ["default"]:
+        return None
+    described = "; ".join(f"{tag}: {describe_prompt(prompt)}" for tag, prompt in prompts.items())
+    if len(prompts) == 1:
+        return f"every run was asked with the same prompt, {described}"
+    return (f"the runs were asked with different prompts, so their accuracies are not measured with the same "
+            f"instructions (prompt= in the labels): {described}")
 
 
 def has_own_curve(run: Run) -> bool:
@@ -236,9 +271,9 @@ def print_report(runs: Sequence[Run], console: Console) -> None:
         for row in curve_rows(run):
             curve.add_row(*row)
         console.print(curve)
-    note = problem_set_note(runs)
-    if note:
-        console.print(f"[yellow]note:[/] {note}")
+    for note in (problem_set_note(runs), prompt_note(runs)):
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def markdown_report(runs: Sequence[Run], png: Path) -> str:
@@ -252,9 +287,9 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
                      f" ponder {h['ponder_version']}, scoring: {h['scoring']}"
                      + (f"; a replay of the branches recorded in `{h['replay']['source']}`" if h.get("replay") else ""))
     lines += ["", _markdown_table(RUN_COLUMNS, [run_row(run) for run in runs]), "", f"![Pareto plot]({png})", ""]
-    note = problem_set_note(runs)
-    if note:
-        lines += [f"**Note:** {note}.", ""]
+    for note in (problem_set_note(runs), prompt_note(runs)):
+        if note:
+            lines += [f"**Note:** {note}.", ""]
     for run in runs:
         if has_own_curve(run):
             lines += [f"## {run.label}: maj@k and pass@k from the same {run.metrics.samples} samples", "",

@@ -1,10 +1,10 @@
 """Run one strategy configuration over a dataset into a results file that survives being killed.
 
-The results file is JSONL: a header line (strategy config, model, dataset fingerprint, score rule, ponder version),
-then one line per finished problem, appended with flush + fsync the moment the problem finishes. A run killed at any
-point (kill -9 included) therefore loses only the problems in flight, plus at most one half-written last line, which
-the next run cuts off before appending. Rerunning the same command skips the problems already in the file; a run
-with a different configuration is refused rather than mixed in.
+The results file is JSONL: a header line (strategy config with the prompt, model, dataset fingerprint, score rule,
+ponder version), then one line per finished problem, appended with flush + fsync the moment the problem finishes. A
+run killed at any point (kill -9 included) therefore loses only the problems in flight, plus at most one half-written
+last line, which the next run cuts off before appending. Rerunning the same command skips the problems already in the
+file; a run with a different configuration (another prompt included) is refused rather than mixed in.
 
 Problem records hold: ``id``, ``gold``, ``prediction``, ``correct``, ``level``/``subject`` when the data has them,
 ``votes`` (the strategy's own vote), ``answer_classes`` (the answers of the branches that ended on their own, grouped
@@ -35,6 +35,7 @@ from .. import __version__
 from ..answers import vote
 from ..engine.base import Engine, PonderError, PromptTooLongError, SamplingParams, Usage
 from ..options import check_strategy_options
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..strategies import get_strategy
 from ..strategies.pool import ENDED_ON_THEIR_OWN
@@ -52,9 +53,18 @@ class BenchConfig:
     params: SamplingParams
     seed: int = 0
     options: dict = field(default_factory=dict)  # passed to the strategy as keyword arguments
+    prompt: MathPrompt = DEFAULT_PROMPT
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "seed": self.seed, "params": asdict(self.params), "options": self.options}
+        return {"n": self.n, "seed": self.seed, "params": asdict(self.params), "options": self.options,
+                "prompt": self.prompt.to_dict()}
+
+
+def run_prompt(header: dict) -> MathPrompt:
+    """The prompt of the run a results header describes. Files written before the header recorded the prompt were
+    all run with the default one."""
+    recorded = header["config"].get("prompt")
+    return MathPrompt(**recorded) if recorded is not None else DEFAULT_PROMPT
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
@@ -86,7 +96,7 @@ def _identity(header: dict) -> dict:
     model = header["model"]
     return {
         "strategy": header["strategy"],
-        "config": header["config"],
+        "config": {**header["config"], "prompt": run_prompt(header).to_dict()},  # older files: the default prompt
         "model": model["sha256"] or model["name"],  # a remote model has no file to hash
         "dataset sha256": header["dataset"]["sha256"],
         "scoring": header["scoring"],
@@ -98,7 +108,7 @@ def _replayed(replay: dict | None) -> list[str] | None:
     """The hashes of the files a replay plays back (the default model's first)."""
     if replay is None:
         return None
-    return [replay["sha256"]] + [other["sha256"] for other in replay.get("other_models", [])]
+    return [replay["sha256"]] + [other["sha256"] for other in replay.get("other_recordings", [])]
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -258,7 +268,8 @@ async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, c
     started = clock()
     try:
         result: Result = await strategy(engine, problem.question, n=config.n, params=config.params,
-                                        seed=problem_seed(config.seed, problem.id), **config.options)
+                                        seed=problem_seed(config.seed, problem.id), prompt=config.prompt,
+                                        **config.options)
     except PromptTooLongError as e:
         return _record(problem, started, clock(), session, prediction=None, correct=False, error=str(e),
                        branches=[], usage=Usage().to_dict())

@@ -8,11 +8,14 @@ The rules (documented for users in docs/server.md):
   ``ponder.n``, the model-name suffix (``sc-16``) or the top-level ``n`` (when above 1, since clients often send the
   OpenAI default ``n: 1``); two sources that disagree are a 400. The response always holds exactly one choice: the
   strategy's decision.
-* The question is the one user message. System and developer messages are accepted and ignored (every strategy writes
-  its own prompt); earlier conversation turns are refused, because a strategy answers one question.
+* The question is the one user message; earlier conversation turns are refused, because a strategy answers one
+  question. The strategy writes its own user turn around the question (``ponder.prompts``); the client's system
+  message (system and developer messages, joined by blank lines when there are several) becomes that prompt's system
+  message, in place of the model's default one.
 * Any other key of ``ponder`` is an option of the strategy, accepted only if the strategy's ``run`` takes a keyword of
   that name, and validated against its type annotation.
-* A question longer than ``ServerConfig.max_prompt_chars`` characters is refused here, before any tokenization.
+* A question longer than ``ServerConfig.max_prompt_chars`` characters (system message included) is refused here,
+  before any tokenization.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ..engine.base import Engine, PonderError, SamplingParams
 from ..options import OptionError, check_strategy_options
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..strategies import STRATEGIES, get_strategy
 from .config import ServerConfig
@@ -37,10 +41,12 @@ class StrategyCall:
     n: int
     params: SamplingParams
     seed: int | None
+    prompt: MathPrompt = DEFAULT_PROMPT
     options: dict[str, Any] = field(default_factory=dict)
 
     async def __call__(self, engine: Engine) -> Result:
-        return await self.run(engine, self.question, n=self.n, params=self.params, seed=self.seed, **self.options)
+        return await self.run(engine, self.question, n=self.n, params=self.params, seed=self.seed, prompt=self.prompt,
+                              **self.options)
 
 
 def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerConfig) -> StrategyCall:
@@ -58,13 +64,15 @@ def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerC
     extra = dict(ponder.model_extra or {}) if ponder else {}
     if ponder and ponder.budget is not None:
         extra["budget"] = ponder.budget
+    system = system_of(request.messages)
     return StrategyCall(
         strategy=strategy,
         run=run,
-        question=question_of(request.messages, config.max_prompt_chars),
+        question=question_of(request.messages, config.max_prompt_chars, system),
         n=n or config.default_n,
         params=sampling_params(request),
         seed=request.seed,
+        prompt=MathPrompt(system),
         options=strategy_options(strategy, extra),
     )
 
@@ -98,17 +106,30 @@ def _agree(what: str, sources: dict[str, Any]):
     return next(iter(given.values()), None)
 
 
-def question_of(messages: list[ChatMessage], max_chars: int | None = None) -> str:
-    conversation = [m for m in messages if m.role not in ("system", "developer")]
+SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
+
+
+def system_of(messages: list[ChatMessage]) -> str | None:
+    """The client's system message: its system and developer messages in order, joined by blank lines; None when it
+    sent none (the model's default system message applies)."""
+    system = [m.text for m in messages if m.role in SYSTEM_ROLES]
+    return "\n\n".join(system) if system else None
+
+
+def question_of(messages: list[ChatMessage], max_chars: int | None = None, system: str | None = None) -> str:
+    """The one user message; ``max_chars`` bounds it together with the ``system`` message that goes with it."""
+    conversation = [m for m in messages if m.role not in SYSTEM_ROLES]
     if len(conversation) != 1 or conversation[0].role != "user":
-        raise ApiError(400, "ponder answers one question per request: send exactly one user message (system "
-                            "messages are accepted and ignored; earlier turns are not supported)", param="messages")
+        raise ApiError(400, "ponder answers one question per request: send exactly one user message (and system "
+                            "messages, if any; earlier turns are not supported)", param="messages")
     question = conversation[0].text.strip()
     if not question:
         raise ApiError(400, "the user message is empty", param="messages")
-    if max_chars is not None and len(question) > max_chars:
-        raise ApiError(400, f"the user message has {len(question)} characters; this server accepts at most "
-                            f"{max_chars}", param="messages", code="context_length_exceeded")
+    size = len(question) + len(system or "")
+    if max_chars is not None and size > max_chars:
+        what = "the system and user messages have" if system else "the user message has"
+        raise ApiError(400, f"{what} {size} characters; this server accepts at most {max_chars}",
+                       param="messages", code="context_length_exceeded")
     return question
 
 

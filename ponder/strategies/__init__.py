@@ -1,5 +1,7 @@
-"""Strategies by name. Each is ``async run(engine, question, *, n, params, seed, budget=None, **options) -> Result``
-in a module of its own; the module docstring documents its options, which are keyword arguments of ``run``."""
+"""Strategies by name. Each is ``async run(engine, question, *, n, params, seed, budget=None, prompt=DEFAULT_PROMPT,
+**options) -> Result`` in a module of its own; the module docstring documents its options, which are keyword
+arguments of ``run``. ``prompt`` (a ``ponder.prompts.MathPrompt``: system message and user-turn template) is the chat
+the strategy opens for the question; callers pass it like ``n`` and ``params``, never as an option."""
 
 from __future__ import annotations
 

@@ -18,18 +18,20 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import LeaderStable
 from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, init: int = 4, step: int = 2,
-              threshold: float = 0.95, rule: str = "beta", early_exit: str | None = None) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              init: int = 4, step: int = 2, threshold: float = 0.95, rule: str = "beta",
+              early_exit: str | None = None) -> Result:
     if step < 1:
         raise PonderError(f"step must be at least 1, got {step}")
     settled = LeaderStable(threshold, rule)
-    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         await pool.sample(params, first=min(init, n), then=step, limit=n, until=settled)
         config = run_config(n=n, params=params, seed=seed, budget=budget, init=init, step=step,
                             threshold=threshold, rule=rule, early_exit=early_exit)

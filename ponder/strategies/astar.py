@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..scorers import DEFAULT_JUDGE
 from .pool import run_config
@@ -38,9 +39,9 @@ from .search import Node, Search
 
 
 async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, step_cost: float = 0.01, frontier: int = 16,
-              scorer: str = "judge", judge: str = DEFAULT_JUDGE, aggregate: str = "last", step_tokens: int = 256,
-              max_steps: int = 40) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              step_cost: float = 0.01, frontier: int = 16, scorer: str = "judge", judge: str = DEFAULT_JUDGE,
+              aggregate: str = "last", step_tokens: int = 256, max_steps: int = 40) -> Result:
     if step_cost < 0:
         raise PonderError(f"step_cost must be at least 0, got {step_cost}")
     if frontier < n:
@@ -51,8 +52,9 @@ async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingPara
     def f(node: Node) -> float:
         return step_cost * node.depth + 1 - node.value
 
-    async with Search(engine, question, params=params, seed=seed, budget=budget, step_tokens=step_tokens,
-                      max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate, pick="best") as search:
+    async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
+                      step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
+                      pick="best") as search:
         open_set: list[tuple[float, int, Node]] = []  # a heap of (f, id, node): ties go to the earlier node
         popped, solution, node = [], None, search.root
         while True:

@@ -22,6 +22,7 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..scorers import DEFAULT_JUDGE
 from .pool import run_config
@@ -34,16 +35,17 @@ def share_out(beams: list[Node], n: int) -> list[tuple[Node, int]]:
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, m: int = 4, scorer: str = "judge",
-              judge: str = DEFAULT_JUDGE, aggregate: str = "last", pick: str = "best", step_tokens: int = 256,
-              max_steps: int = 40) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              m: int = 4, scorer: str = "judge", judge: str = DEFAULT_JUDGE, aggregate: str = "last",
+              pick: str = "best", step_tokens: int = 256, max_steps: int = 40) -> Result:
     if not 1 <= m <= n:
         raise PonderError(f"beam needs 1 <= m <= n, got m={m}, n={n}")
     width = n // m
     config = run_config(n=n, params=params, seed=seed, budget=budget, m=m, scorer=scorer, judge=judge,
                         aggregate=aggregate, pick=pick, step_tokens=step_tokens, max_steps=max_steps)
-    async with Search(engine, question, params=params, seed=seed, budget=budget, step_tokens=step_tokens,
-                      max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate, pick=pick) as search:
+    async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
+                      step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
+                      pick=pick) as search:
         beams, finished = [search.root], []
         for _ in range(max_steps):
             candidates = await search.expand(share_out(beams, n))

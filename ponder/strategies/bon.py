@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from ..engine.base import Engine, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
 from ..verifiers import DEFAULT_JUDGE, get_verifier
@@ -23,12 +24,12 @@ from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, verifier: str = "self",
-              judge: str = DEFAULT_JUDGE) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              verifier: str = "self", judge: str = DEFAULT_JUDGE) -> Result:
     check = get_verifier(verifier, engine=engine, judge=judge)
     config = run_config(n=n, params=params, seed=seed, budget=budget, verifier=verifier,
                         **({"judge": judge} if verifier == "judge" else {}))
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         candidates = await pool.sample(params, first=n, keep=True)
         if not candidates:  # the budget ran out before any candidate finished
             return pool.result("bon", config)

@@ -25,21 +25,23 @@ import time
 from dataclasses import replace
 
 from ..engine.base import Engine, PonderError, SamplingParams, Usage
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
 from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, k: int = 4, tau: float = 0.75, m: int = 1,
-              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b", early_exit: str | None = None) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              k: int = 4, tau: float = 0.75, m: int = 1, small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b",
+              early_exit: str | None = None) -> Result:
     if k < 1 or m < 1:
         raise PonderError(f"k and m must be at least 1, got k={k}, m={m}")
     if not 0.0 < tau <= 1.0:
         raise PonderError(f"tau must be in (0, 1], got {tau}")
     start = time.perf_counter()
     usage = Usage()  # one account for both pools, so the budget caps both models together
-    async with Pool(engine, question, seed=seed, budget=budget, model=small, usage=usage,
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, model=small, usage=usage,
                     early_exit=early_exit) as pool:
         small_votes = ballot(await pool.sample(params, first=k))
     summaries = [pool.summary(b) for b in pool.branches]  # the small model's branches, then the large one's
@@ -51,7 +53,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
         large_params = replace(params, temperature=0.0) if m == 1 else params
         # Seeds continue after the small model's, so no large sample repeats a small one's random stream.
         large_seed = None if seed is None else seed + k
-        async with Pool(engine, question, seed=large_seed, budget=budget, model=large, usage=usage,
+        async with Pool(engine, question, seed=large_seed, budget=budget, prompt=prompt, model=large, usage=usage,
                         early_exit=early_exit) as pool:
             deciding = ballot(await pool.sample(large_params, first=m))
         summaries += [pool.summary(b) for b in pool.branches]

@@ -31,6 +31,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..engine.base import Branch, Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ConfidenceFloor, MajorityShare, group_confidences
 from .pool import Pool, run_config
@@ -49,9 +50,9 @@ def trace_confidence(branch: Branch, window: int, metric: str = "lowest-group") 
 
 
 async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, mode: str = "online", keep: float = 90.0,
-              window: int = 32, warmup: int = 4, step: int = 2, consensus: float = 0.95,
-              metric: str = "lowest-group", early_exit: str | None = None) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              mode: str = "online", keep: float = 90.0, window: int = 32, warmup: int = 4, step: int = 2,
+              consensus: float = 0.95, metric: str = "lowest-group", early_exit: str | None = None) -> Result:
     if mode not in MODES:
         raise PonderError(f"unknown deepconf mode {mode!r}; choose one of: {', '.join(MODES)}")
     if metric not in METRICS:
@@ -63,7 +64,7 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
     params = replace(params, top_logprobs=max(params.top_logprobs, CONFIDENCE_TOP_K))  # fills branch.confidences
     config = run_config(n=n, params=params, seed=seed, budget=budget, mode=mode, keep=keep, window=window,
                         early_exit=early_exit)
-    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         if mode == "offline":
             traces = await pool.sample(params, first=n)
             confidence = {b: trace_confidence(b, window, metric) for b in traces}

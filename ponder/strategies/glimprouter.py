@@ -37,7 +37,7 @@ from dataclasses import replace
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from ..prompts import math_messages
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
 from .pool import run_config
@@ -57,8 +57,9 @@ async def glimpse(branch: Branch) -> float | None:
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, threshold: float = 1.0, step_tokens: int = 256,
-              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b") -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              threshold: float = 1.0, step_tokens: int = 256, small: str = "qwen2.5-0.5b",
+              large: str = "qwen2.5-1.5b") -> Result:
     if threshold < 0.0:
         raise PonderError(f"threshold must be at least 0 nats, got {threshold}")
     start = time.perf_counter()
@@ -71,8 +72,8 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
         return replace(params, seed=None if seed is None else seed + i)
 
     try:
-        small_branch = await engine.open(math_messages(question), usage, model=small)
-        large_branch = await engine.open(math_messages(question), usage, model=large)
+        small_branch = await engine.open(prompt.messages(question), usage, model=small)
+        large_branch = await engine.open(prompt.messages(question), usage, model=large)
         ended = False  # the large model wrote the solution's end (else the allowance cut it)
         while True:
             cap = allowance.step(large_branch, reserve=1)  # one token of the budget for the glimpse

@@ -4,10 +4,11 @@ Mixture of Thoughts Representations"). Prose reasoning slips in arithmetic, prog
 kinds err differently, so an answer both reach is more often right than one kind's majority.
 
 A share ``program_share`` of the ``n`` branches (rounded) write programs as in ``pal``; the others reason step by step
-as in ``sc``. Both prompts are opened once and the two kinds decode together in the engine's batches, under one usage
-and one token budget; each program runs in the sandbox as soon as its branch finishes. Branch ``i`` of each kind is
-seeded as branch ``i`` of ``sc`` and of ``pal``. In the vote, program answers are counted first, so a tie goes to the
-answer the programs gave.
+as in ``sc`` (a run's ``prompt`` is theirs; the programs' is ``pal``'s, under the same system message). Both prompts
+are opened once and the two kinds decode together in the engine's batches, under one usage and one token budget;
+each program runs in the sandbox as soon as its branch finishes. Branch ``i`` of each kind is seeded as branch ``i``
+of ``sc`` and of ``pal``. In the vote, program answers are counted first, so a tie goes to the answer the programs
+gave.
 
 The result lists the program branches, then the reasoning ones. Each branch's ``details`` give its ``kind``
 (``program`` or ``cot``; a program branch also says what its program did, as in ``pal``), and
@@ -25,14 +26,15 @@ import time
 
 from ..answers import vote
 from ..engine.base import Engine, PonderError, SamplingParams, Usage
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
-from .pal import REPLY_START, Programs, program_messages, program_params
+from .pal import REPLY_START, Programs, program_params, program_prompt
 from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, program_share: float = 0.5,
-              timeout: float = 5.0) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              program_share: float = 0.5, timeout: float = 5.0) -> Result:
     if not 0 < program_share < 1:
         raise PonderError(f"program_share must be between 0 and 1 (exclusive), got {program_share}")
     n_programs = round(n * program_share)
@@ -44,8 +46,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     usage = Usage()
     programs = Programs(usage, timeout)
     started = time.perf_counter()
-    async with Pool(engine, question, seed=seed, budget=budget, usage=usage) as cot, \
-            Pool(engine, question, seed=seed, budget=cot.budget, messages=program_messages(question)) as coded:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, usage=usage) as cot, \
+            Pool(engine, question, seed=seed, budget=cot.budget, prompt=program_prompt(prompt)) as coded:
         await coded.root.append(REPLY_START)
         async with asyncio.TaskGroup() as both:  # an error in one kind cancels the other
             both.create_task(coded.sample(program_params(params), first=n_programs, after_decode=programs.run))

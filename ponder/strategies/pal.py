@@ -4,7 +4,8 @@ Python program that computes the answer, the sandbox runs it, and the printed va
 The bundled models are coder models, and writing the arithmetic as code leaves the arithmetic to Python. The prompt
 asks for a program that prints only the final answer, and the reply is started with the opening of a python code
 block (appended to the prompt once, so every fork shares it): each branch writes code from its first token and
-stops at the closing fence, with no prose before or after it to pay for.
+stops at the closing fence, with no prose before or after it to pay for. The program prompt takes the place of the
+math prompt's template, so a run's ``prompt`` may set the system message but not the template.
 
 ``n`` programs are sampled from the one prefilled prompt. Each runs in the sandbox as soon as its branch finishes,
 while the other branches are still decoding (``Pool.sample(after_decode=...)``), at most one program per core at a
@@ -42,6 +43,7 @@ from dataclasses import dataclass, replace
 
 from ..answers import extract_answer, normalize
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, Usage
+from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from ..result import BranchSummary, Result
 from ..sandbox import Limits, Outcome, run_python
 from ..stopping import LeaderStable
@@ -65,8 +67,13 @@ _PI = re.compile(r"\bpi\b")
 _FLOAT = re.compile(r"-?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][-+]?\d+)")
 
 
-def program_messages(question: str) -> list[Message]:
-    return [{"role": "user", "content": PROMPT.format(question=question.strip())}]
+def program_prompt(prompt: MathPrompt = DEFAULT_PROMPT) -> MathPrompt:
+    """The program-writing prompt, under ``prompt``'s system message."""
+    return MathPrompt(prompt.system, PROMPT)
+
+
+def program_messages(question: str, prompt: MathPrompt = DEFAULT_PROMPT) -> list[Message]:
+    return program_prompt(prompt).messages(question)
 
 
 def program_params(params: SamplingParams) -> SamplingParams:
@@ -198,8 +205,12 @@ class Programs:
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, until: str = "none", init: int = 4,
-              step: int = 2, threshold: float = 0.95, rule: str = "beta", timeout: float = 5.0) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              until: str = "none", init: int = 4, step: int = 2, threshold: float = 0.95, rule: str = "beta",
+              timeout: float = 5.0) -> Result:
+    if prompt.template != DEFAULT_TEMPLATE:
+        raise PonderError("pal writes its own program prompt around the question, so a prompt template does not "
+                          "apply to it (a system message does)")
     if until not in UNTIL:
         raise PonderError(f"unknown until {until!r}; choose one of: {', '.join(UNTIL)}")
     if step < 1:
@@ -212,8 +223,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     usage = Usage()
     programs = Programs(usage, timeout)
     settled = LeaderStable(threshold, rule, answer=programs.answer) if until == "adaptive" else None
-    async with Pool(engine, question, seed=seed, budget=budget, messages=program_messages(question),
-                    usage=usage) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=program_prompt(prompt), usage=usage) as pool:
         await pool.root.append(REPLY_START)
         await pool.sample(params, first=n if settled is None else min(init, n), then=step, limit=n, until=settled,
                           after_decode=programs.run)

@@ -30,6 +30,7 @@ import numpy as np
 from scipy.special import logit, softmax
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..scorers import DEFAULT_JUDGE
 from .pool import run_config
@@ -50,17 +51,18 @@ def resample(pool: list[Node], n: int, temperature: float, rng: np.random.Genera
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, weight_temperature: float = 1.0,
-              scorer: str = "judge", judge: str = DEFAULT_JUDGE, aggregate: str = "last", pick: str = "best",
-              step_tokens: int = 256, max_steps: int = 40) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              weight_temperature: float = 1.0, scorer: str = "judge", judge: str = DEFAULT_JUDGE,
+              aggregate: str = "last", pick: str = "best", step_tokens: int = 256, max_steps: int = 40) -> Result:
     if not weight_temperature > 0:
         raise PonderError(f"weight_temperature must be above 0, got {weight_temperature}")
     config = run_config(n=n, params=params, seed=seed, budget=budget, weight_temperature=weight_temperature,
                         scorer=scorer, judge=judge, aggregate=aggregate, pick=pick, step_tokens=step_tokens,
                         max_steps=max_steps)
     rng = np.random.default_rng(seed)
-    async with Search(engine, question, params=params, seed=seed, budget=budget, step_tokens=step_tokens,
-                      max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate, pick=pick) as search:
+    async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
+                      step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
+                      pick=pick) as search:
         pool = [search.root] * n
         for _ in range(max_steps):
             growing = Counter(node for node in pool if node.status == "open")

@@ -4,7 +4,7 @@ Every sampling strategy does the same around its own logic -- open the prompt on
 reproducible seeds, keep to the budget, cancel what is no longer needed, vote, report the full usage -- so that part
 lives here, and a strategy reads as its algorithm::
 
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         await pool.sample(params, first=4, then=2, limit=16, until=LeaderStable(0.95))
         return pool.result("adaptive", config)
 
@@ -24,8 +24,8 @@ from dataclasses import replace
 from typing import Awaitable, Callable, Sequence
 
 from ..answers import vote
-from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
-from ..prompts import math_messages
+from ..engine.base import Branch, Engine, PonderError, SamplingParams, StopIf, Usage
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from ..stopping import EarlyExit, Rule, TokenBudget, first_of
 
@@ -40,20 +40,20 @@ def run_config(*, n: int, params: SamplingParams, seed: int | None, budget: int 
 
 
 class Pool:
-    """``messages`` replaces the standard math prompt of ``question`` (e.g. a program-writing prompt); ``model`` opens
-    it on another model of the engine (default: the engine's own); pools that pass the same ``usage`` share one
-    account -- a strategy that mixes prompts or models reports one usage. ``budget`` is a token count, or another
-    pool's ``TokenBudget`` for pools that run at the same time: then they also share its usage and its reservations,
-    so that together they never overshoot it. ``early_exit`` is the strategy option of that name (e.g.
-    ``"probe+loop"``), applied to every branch."""
+    """``prompt`` is the chat opened for ``question`` (the strategy's ``prompt`` argument, or a prompt of its own such
+    as ``pal``'s program-writing one); ``model`` opens it on another model of the engine (default: the engine's own);
+    pools that pass the same ``usage`` share one account -- a strategy that mixes prompts or models reports one
+    usage. ``budget`` is a token count, or another pool's ``TokenBudget`` for pools that run at the same time: then
+    they also share its usage and its reservations, so that together they never overshoot it. ``early_exit`` is the
+    strategy option of that name (e.g. ``"probe+loop"``), applied to every branch."""
 
     def __init__(self, engine: Engine, question: str, *, seed: int | None, budget: int | TokenBudget | None,
-                 messages: Sequence[Message] | None = None, model: str | None = None, usage: Usage | None = None,
+                 prompt: MathPrompt = DEFAULT_PROMPT, model: str | None = None, usage: Usage | None = None,
                  early_exit: str | None = None):
         self.engine = engine
         self.early_exit = EarlyExit.parse(early_exit) if early_exit else None
         self.question = question
-        self.messages = list(messages) if messages is not None else math_messages(question)
+        self.messages = prompt.messages(question)
         self.model = model
         self.seed = seed
         if isinstance(budget, TokenBudget):

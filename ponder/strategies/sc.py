@@ -11,17 +11,18 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .pool import Pool, run_config
 from .weights import get_weighting
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, weighting: str = "majority",
-              early_exit: str | None = None) -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              weighting: str = "majority", early_exit: str | None = None) -> Result:
     scheme = get_weighting(weighting)
     params = scheme.sampling(params)
-    async with Pool(engine, question, seed=seed, budget=budget, early_exit=early_exit) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         finished = await pool.sample(params, first=n)
         config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting,
                             early_exit=early_exit)

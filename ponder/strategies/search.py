@@ -37,7 +37,7 @@ from typing import Sequence
 
 from ..answers import extract_answer, vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from ..prompts import math_messages
+from ..prompts import MathPrompt
 from ..result import BranchSummary, Result
 from ..scorers import aggregate, check_aggregation, get_scorer
 from ..steps import extend_step
@@ -89,8 +89,8 @@ class Search:
     on leaving, releases every branch the search and its scorer still hold."""
 
     def __init__(self, engine: Engine, question: str, *, params: SamplingParams, seed: int | None,
-                 budget: int | None, step_tokens: int, max_steps: int, scorer: str, judge: str, aggregate: str,
-                 pick: str):
+                 budget: int | None, prompt: MathPrompt, step_tokens: int, max_steps: int, scorer: str, judge: str,
+                 aggregate: str, pick: str):
         if step_tokens < 1 or max_steps < 1:
             raise PonderError(f"step_tokens and max_steps must be at least 1, got {step_tokens} and {max_steps}")
         if budget is not None and budget < 1:
@@ -100,6 +100,7 @@ class Search:
         check_aggregation(aggregate)
         self.engine = engine
         self.question = question
+        self.prompt = prompt
         self.usage = Usage()
         self.scorer = get_scorer(scorer, engine=engine, usage=self.usage, judge=judge, params=params, seed=seed)
         self.params = replace(params, logprobs=True) if self.scorer.needs_logprobs else params
@@ -115,7 +116,7 @@ class Search:
         self._start = time.perf_counter()
 
     async def __aenter__(self) -> Search:
-        root = await self.engine.open(math_messages(self.question), self.usage)
+        root = await self.engine.open(self.prompt.messages(self.question), self.usage)
         self.root = self._node(None, root)
         return self
 

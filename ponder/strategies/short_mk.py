@@ -10,26 +10,31 @@ Options (short-m@k):
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import FirstM
 from .pool import Pool, run_config
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, m: int = 3) -> Result:
-    return await _first_m(engine, question, n=n, params=params, seed=seed, budget=budget, m=m, name="short-m@k")
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              m: int = 3) -> Result:
+    return await _first_m(engine, question, n=n, params=params, seed=seed, budget=budget, prompt=prompt, m=m,
+                          name="short-m@k")
 
 
 async def first_finish(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
-                       seed: int | None = None, budget: int | None = None) -> Result:
-    return await _first_m(engine, question, n=n, params=params, seed=seed, budget=budget, m=1, name="first-finish")
+                       seed: int | None = None, budget: int | None = None,
+                       prompt: MathPrompt = DEFAULT_PROMPT) -> Result:
+    return await _first_m(engine, question, n=n, params=params, seed=seed, budget=budget, prompt=prompt, m=1,
+                          name="first-finish")
 
 
 async def _first_m(engine: Engine, question: str, *, n: int, params: SamplingParams, seed: int | None,
-                   budget: int | None, m: int, name: str) -> Result:
+                   budget: int | None, prompt: MathPrompt, m: int, name: str) -> Result:
     enough = FirstM(m)
     if m > n:
         raise PonderError(f"{name} waits for m={m} of n={n} branches; m must not exceed n")
-    async with Pool(engine, question, seed=seed, budget=budget) as pool:
+    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         finished = await pool.sample(params, first=n, until=enough)
         return pool.result(name, run_config(n=n, params=params, seed=seed, budget=budget, m=m), finished[:m])

@@ -46,7 +46,7 @@ from scipy.special import softmax
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from ..prompts import math_messages
+from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
 from .pool import run_config
@@ -77,8 +77,9 @@ async def judge(candidate: Branch) -> float:
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
-              seed: int | None = None, budget: int | None = None, threshold: float = 7.0, step_tokens: int = 256,
-              small: str = "qwen2.5-0.5b", large: str = "qwen2.5-1.5b") -> Result:
+              seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
+              threshold: float = 7.0, step_tokens: int = 256, small: str = "qwen2.5-0.5b",
+              large: str = "qwen2.5-1.5b") -> Result:
     if not 0.0 <= threshold <= 9.0:
         raise PonderError(f"threshold must be between 0 and 9, got {threshold}")
     start = time.perf_counter()
@@ -95,8 +96,8 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
         return branch
 
     try:
-        drafter = track(await engine.open(math_messages(question), usage, model=small))
-        writer = track(await engine.open(math_messages(question), usage, model=large))
+        drafter = track(await engine.open(prompt.messages(question), usage, model=small))
+        writer = track(await engine.open(prompt.messages(question), usage, model=large))
         ended = False  # a model wrote the solution's end (else the allowance cut it)
         while not ended:
             i = len(steps)
