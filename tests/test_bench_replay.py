@@ -231,3 +231,14 @@ def test_mix_replays_the_reasoning_of_an_sc_run_and_the_programs_of_a_pal_run(tm
 def test_two_recordings_of_one_model_and_prompt_are_refused(tmp_path, recording):
     with pytest.raises(PonderError, match="both recorded fake on the same prompts"):
         replay(tmp_path, recording, "--n", "4", "--replay", str(recording))
+
+
+def test_a_recording_with_a_system_prompt_replays_with_it_and_only_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: FakeEngine(SCRIPTS))
+    recorded = tmp_path / "sc6-terse.jsonl"
+    assert ponder("bench", "--data", FIXTURE, "--n", "6", "--max-tokens", "32", "--system", "You are terse.",
+                  "--out", str(recorded)) == 0
+    _, records = replay(tmp_path, recorded, "--n", "6", "--system", "You are terse.")
+    assert [r["prediction"] for r in records] == [r["prediction"] for r in read_results(recorded)[1]]
+    with pytest.raises(PonderError, match="recorded no such prompt .* --system"):
+        replay(tmp_path, recorded, "--n", "6", name="default-prompt.jsonl")

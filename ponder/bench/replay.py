@@ -44,18 +44,19 @@ from typing import Sequence
 from ..engine import load_engine
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..engine.fake import FakeBranch, FakeEngine, Script
-from ..prompts import math_messages
 from ..strategies.pal import program_messages, program_params
 from .datasets import Dataset
 from .metrics import summarize
-from .runner import read_results
+from .runner import read_results, run_prompt
 
 _WHOLE_BRANCHES_ONLY = ("a replay plays back whole recorded branches from their prompt; strategies that fork or add to a "
                         "partial solution (early_exit probes, step-wise and search strategies) must run live")
 
-# The prompt a recorded strategy opened and how it changed the sampling settings given on the command line; every
-# strategy not listed asked the standard math prompt with the settings as given.
+# The prompt a recorded strategy opened (from the question and the run's prompt settings) and how it changed the
+# sampling settings given on the command line; every strategy not listed opened the run's math prompt with the
+# settings as given.
 _PROMPT_OF = {"pal": (program_messages, program_params)}
+_MATH_PROMPT = (lambda question, prompt: prompt.messages(question), lambda params: params)
 
 # Sampling fields that a replay may differ in: they only switch on extra per-token records.
 _RECORDING_ONLY = ("logprobs", "top_logprobs", "seed")
@@ -121,14 +122,15 @@ class Recorded:
         recorded_params = header["config"]["params"]
         if header["strategy"] == "greedy":  # the greedy strategy samples at temperature 0 whatever --temperature says
             recorded_params = {**recorded_params, "temperature": 0.0}
-        messages, strategy_params = _PROMPT_OF.get(header["strategy"], (math_messages, lambda params: params))
+        messages, strategy_params = _PROMPT_OF.get(header["strategy"], _MATH_PROMPT)
+        prompt = run_prompt(header)
         params = SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])})
         by_id = {r["id"]: r for r in records}
         recorded = summarize(header["strategy"], records)
         return cls(
             source=Path(source), header=header, params=params, extend_params=strategy_params(params),
             n=header["config"]["n"],
-            recordings={prompt_text(messages(p.question)):
+            recordings={prompt_text(messages(p.question, prompt)):
                         Recording(p.id, by_id[p.id]["usage"]["prompt_tokens"], by_id[p.id]["branches"])
                         for p in dataset.problems if p.id in by_id},
             seconds_per_token=recorded.wall_s / recorded.generated_tokens if recorded.generated_tokens else 0.0)
@@ -214,7 +216,8 @@ class ReplayEngine(FakeEngine):
         if run is None:
             sources = ", ".join(str(r.source) for r in self.runs if r.model == model)
             raise PonderError(f"{sources} recorded no such prompt on {model}: a replay can only run the problems of "
-                              "the recorded runs, on the prompts they recorded (sampled answers, not verifier prompts)")
+                              "the recorded runs, on the prompts they recorded (the same --system and "
+                              "--prompt-template; sampled answers, not verifier prompts)")
         return run
 
     def _prompt_tokens(self, text: str, model: str) -> int:
