@@ -46,7 +46,7 @@ from typing import Protocol, Sequence
 
 from .answers import extract_answer, vote
 from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from .prompts import math_messages
+from .prompts import DEFAULT_PROMPT, MathPrompt
 from .steps import states_answer
 from .verifiers.llm import p_yes
 
@@ -111,11 +111,12 @@ class JudgeScorer(Scorer):
     name = "judge"
     reserve = JUDGE_REPLY_TOKENS
 
-    def __init__(self, engine: Engine, model: str, usage: Usage):
+    def __init__(self, engine: Engine, model: str, usage: Usage, prompt: MathPrompt = DEFAULT_PROMPT):
         super().__init__()
         self.engine = engine
         self.model = model
         self.usage = usage
+        self.prompt = prompt  # the run's prompt: the judge reads the question as the generator did
         self._prompt: Branch | None = None  # the question, evaluated once on the judge
         self._opening = asyncio.Lock()
         self._slots = asyncio.Semaphore(JUDGE_CONCURRENCY)
@@ -139,7 +140,7 @@ class JudgeScorer(Scorer):
             return partial.branch  # the judge wrote the steps itself: its branch holds them already
         async with self._opening:
             if self._prompt is None:
-                self._prompt = await self.engine.open(math_messages(question), self.usage, model=self.model)
+                self._prompt = await self.engine.open(self.prompt.messages(question), self.usage, model=self.model)
         parent = self._readers.get(partial.parent) if partial.parent is not None else None
         (reader,) = await (parent or self._prompt).fork(1)
         self._readers[partial] = reader
@@ -214,11 +215,12 @@ def aggregate(scores: Sequence[float], how: str) -> float:
 
 
 def get_scorer(name: str, *, engine: Engine, usage: Usage, judge: str = DEFAULT_JUDGE,
-               params: SamplingParams = SamplingParams(), seed: int | None = None) -> Scorer:
-    """The scorer called ``name`` for one run: ``judge`` names the judge model (a model of ``engine``), ``params``
-    and ``seed`` are how probes sample."""
+               params: SamplingParams = SamplingParams(), seed: int | None = None,
+               prompt: MathPrompt = DEFAULT_PROMPT) -> Scorer:
+    """The scorer called ``name`` for one run: ``judge`` names the judge model (a model of ``engine``), which reads
+    the question in the run's ``prompt``; ``params`` and ``seed`` are how probes sample."""
     if name == "judge":
-        return JudgeScorer(engine, judge, usage)
+        return JudgeScorer(engine, judge, usage, prompt)
     if name == "probe":
         return ProbeScorer(params, seed)
     if name == "logprob":

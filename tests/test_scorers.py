@@ -171,3 +171,21 @@ def test_aggregations_over_the_steps_of_a_path():
 def test_an_unknown_scorer_names_the_known_ones():
     with pytest.raises(PonderError, match="judge, probe, logprob"):
         get_scorer("oracle", engine=FakeEngine(["a"]), usage=None)
+
+
+def test_a_separate_judge_reads_the_question_in_the_runs_prompt():
+    from ponder.prompts import MathPrompt
+    seen: list[str] = []
+    judge_model = FakeModel(["unused"], score_fn=p_yes_by_last_step({"a\n\n": 0.8}, seen))
+    engine = FakeEngine(["a\n\n"], name=GEN, models={JUDGE: judge_model})
+    prompt = MathPrompt(system="Be brief.")
+
+    async def go():
+        root = Partial(None, await engine.open(prompt.messages("q")))
+        scorer = get_scorer("judge", engine=engine, usage=root.branch.usage, judge=JUDGE, prompt=prompt)
+        value = await scorer.score("q", await grow(root))
+        scorer.close()
+        return value
+
+    assert asyncio.run(go()) == pytest.approx(0.8)
+    assert seen == ["Be brief. " + PROMPT + "a\n\n"]  # the fake engine joins a chat's messages with spaces

@@ -102,7 +102,8 @@ class Search:
         self.question = question
         self.prompt = prompt
         self.usage = Usage()
-        self.scorer = get_scorer(scorer, engine=engine, usage=self.usage, judge=judge, params=params, seed=seed)
+        self.scorer = get_scorer(scorer, engine=engine, usage=self.usage, judge=judge, params=params, seed=seed,
+                                 prompt=prompt)
         self.params = replace(params, logprobs=True) if self.scorer.needs_logprobs else params
         self.seed = seed
         self.budget = budget
