@@ -13,18 +13,27 @@ from pydantic import TypeAdapter, ValidationError
 
 from .engine import ENGINES, load_engine
 from .engine.base import Engine, PonderError, SamplingParams
+from .engine.prefix_cache import PREFIX_CACHE_TOKENS
 from .models import CATALOG, DEFAULT_MODEL
 from .prompts import CHAT_TEMPLATES, INSTRUCTION, MathPrompt
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +54,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --engine openai: how chats become the prompt text sent to /v1/completions: "
                             f"{' or '.join(CHAT_TEMPLATES)} (default qwen2.5), or a Jinja file (a Hugging Face "
                             "chat template); the in-process engine reads the template from the GGUF")
+    group.add_argument("--prefix-cache-tokens", type=non_negative_int, default=None, metavar="N",
+                       help="in-process engine: keep the KV cells of finished requests' prompts, up to N tokens, so a "
+                            "prompt that repeats a cached prefix (a system prompt, few-shot examples, a chat's earlier "
+                            f"turns) evaluates only the rest; 0 = off (default: {PREFIX_CACHE_TOKENS})")
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
@@ -55,6 +68,11 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
             raise PonderError("--chat-template is for --engine openai; the in-process engine uses the GGUF's own "
                               "template")
         options["chat_template"] = args.chat_template
+    if args.prefix_cache_tokens is not None:
+        if args.engine != "llamacpp":
+            raise PonderError("--prefix-cache-tokens is for the in-process engine; a remote server keeps its own "
+                              "prefix cache (vLLM: --enable-prefix-caching)")
+        options["prefix_cache_tokens"] = args.prefix_cache_tokens
     return load_engine(args.model, engine=args.engine, base_url=args.base_url, **options)
 
 

@@ -54,11 +54,10 @@ import numpy as np
 
 from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
                    SamplingParams, StopIf, Usage)
-from .prefix_cache import CachedPrompt, PrefixCache, Segment, drop, prefix_of
+from .prefix_cache import PREFIX_CACHE_TOKENS, CachedPrompt, PrefixCache, Segment, drop, prefix_of
 from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
 
 DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first, and the cap of the adaptation
-PREFIX_CACHE_TOKENS = 8192  # default budget of the prefix cache, in cells of each model's context
 
 
 @llama.llama_log_callback

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+PREFIX_CACHE_TOKENS = 8192  # default budget of the prefix cache, in cells of each model's context
+
 
 @dataclass(eq=False)
 class Segment:
