@@ -11,18 +11,23 @@ requests, same questions and seeds, while hostile clients loop). Legitimate clie
 each kind of hostile client has its own address (127.0.0.10, .11, ...), so the per-client cap sees them apart:
 
 * ``oversize``: a body twice the server's limit (expect 413);
-* ``huge_prompt``: a prompt of half a million tokens, just within the body limit (expect 400);
+* ``huge_prompt``: a prompt of half a million tokens, just within the body limit (expect 400, or 429 once the
+  client has spent its starts: a prompt too long for the context spends one);
 * ``malformed``: truncated JSON (expect 400);
 * ``slow_body``: the headers, then one body byte per second (expect 408);
 * ``slow_headers``: one header line per second (expect the server to close the connection);
-* ``unread_stream``: a streamed answer the client never reads (expect the server to close the connection);
-* ``disconnect``: a streamed SC request abandoned after a second (the server cancels it: 499 in its metrics);
+* ``unread_stream``: a streamed answer the client never reads, on a plain socket that takes nothing from the kernel
+  (expect the server to let go of it within ``send_timeout_s`` of its first byte, whether or not it fitted in the
+  socket buffers: its end of the connection is gone from /proc/net/tcp, or holds no byte for the client);
+* ``disconnect``: a streamed SC request abandoned after a second (the server cancels it: 499 in its metrics; or 429
+  at once, once the client has spent its starts);
 * ``flood``: ``max_per_client`` + 4 slow bodies at once from one address (expect 408s and 429s).
 
 Reported: the legitimate latency (median, p99: with fewer than 100 requests, the slowest) quiet vs hostile, every
-status, each hostile kind's outcomes, the server's peak memory and CPU seconds per phase, and, at the end, that no
-branch, KV cell, run or queued request is left. Targets (issue 16): hostile p99 <= 2x quiet; no 5xx; every hostile
-request a 4xx or a closed connection; peak memory <= quiet peak + 200 MB; nothing left.
+status, each hostile kind's outcomes, how long the server held unread answers after their first byte, the server's
+peak memory and CPU seconds per phase, and, at the end, that no branch, KV cell, run or queued request is left.
+Targets (issue 16): hostile p99 <= 2x quiet; no 5xx; every hostile request a 4xx or a closed connection (an unread
+stream: let go of); peak memory <= quiet peak + 200 MB; nothing left.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import re
+import select
 import socket
 import statistics
 import sys
@@ -51,9 +57,10 @@ from ponder.server.process import ServerProcess, free_port  # noqa: E402
 
 LEGIT = "127.0.0.1"
 LIMITS = ServerConfig()  # the server runs with its defaults: these are the limits it applies
-EXPECTED = {"oversize": {"413"}, "huge_prompt": {"400"}, "malformed": {"400"}, "slow_body": {"408"},
-            "slow_headers": {"closed"}, "unread_stream": {"200 dropped", "200 finished"},
-            "disconnect": {"client closed"}, "flood": {"408", "429"}}
+EXPECTED = {"oversize": {"413"}, "huge_prompt": {"400", "429"}, "malformed": {"400"}, "slow_body": {"408"},
+            "slow_headers": {"closed"}, "unread_stream": {"200 released", "429 released"},
+            "disconnect": {"client closed", "429"}, "flood": {"408", "429"}}
+UNREAD_ANSWER_WAIT_S = 300  # for an unread stream's answer to be decided (a greedy decode beside everything else)
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Run:
     model: str
     pid: int
     args: argparse.Namespace
+    unread_held_s: list[float] = field(default_factory=list)  # unread answers: first byte to the server letting go
 
     @property
     def url(self) -> str:
@@ -173,28 +181,59 @@ async def slow_headers(run: Run, source: str) -> list[str]:
 
 
 async def unread_stream(run: Run, source: str) -> list[str]:
+    # A plain socket: asyncio's stream reader would take up to 128 KiB from the kernel without being asked, which
+    # is reading. This client takes nothing; it only watches, without reading, for the answer's first byte, and then
+    # for the server to hold no byte for it any more.
     body = run.body(QUESTION_FOR_HOSTILE, model=f"greedy/{run.model}", stream=True,
                     max_tokens=run.args.unread_tokens)
-    reader, writer = await connect(run, source, receive_buffer=4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: its window stays small
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
     try:
-        writer.write(head(len(body)) + body)
-        await asyncio.sleep(LIMITS.send_timeout_s + 5)  # read nothing
-        received = await asyncio.wait_for(read_to_close(reader), 15)
-        status = received.split(b" ", 2)[1].decode() if received.startswith(b"HTTP/") else "no status"
-        return [f"{status} {'finished' if b'data: [DONE]' in received else 'dropped'}"]
-    except asyncio.TimeoutError:
-        return ["still open"]
+        await loop.sock_connect(sock, ("127.0.0.1", run.port))
+        await loop.sock_sendall(sock, head(len(body)) + body)
+        answered_by = time.monotonic() + UNREAD_ANSWER_WAIT_S
+        while not select.select([sock], [], [], 0)[0]:  # readable: the answer has begun (or the server closed)
+            if time.monotonic() > answered_by:
+                return [f"not answered in {UNREAD_ANSWER_WAIT_S} s"]
+            await asyncio.sleep(0.25)
+        first_byte = time.monotonic()
+        status = sock.recv(12, socket.MSG_PEEK).split(b" ")[-1].decode() or "closed"  # "HTTP/1.1 200"
+        client_port = sock.getsockname()[1]
+        while server_holds(run.port, client_port):
+            if time.monotonic() - first_byte > LIMITS.send_timeout_s + 30:
+                return [f"{status} still held"]
+            await asyncio.sleep(0.25)
+        run.unread_held_s.append(time.monotonic() - first_byte)
+        return [f"{status} released"]
     finally:
-        writer.transport.abort()
+        sock.close()
+
+
+def server_holds(server_port: int, client_port: int) -> bool:
+    """Whether the server's end of the connection from ``client_port`` still has bytes queued for the client
+    (unsent or unacknowledged, in any TCP state, its process's or the kernel's after a close); Linux's
+    /proc/net/tcp."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, remote, _, queues = line.split()[1:5]
+            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+                return int(queues.split(":")[0], 16) > 0
+    return False
 
 
 async def disconnect(run: Run, source: str) -> list[str]:
     body = run.body(QUESTION_FOR_HOSTILE, stream=True)
     reader, writer = await connect(run, source)
-    writer.write(head(len(body)) + body)
-    await asyncio.sleep(1.0)
-    writer.transport.abort()
-    return ["client closed"]
+    try:
+        writer.write(head(len(body)) + body)
+        return [await asyncio.wait_for(status_of(reader), 1.0)]  # answered within the second: refused at once
+    except asyncio.TimeoutError:
+        return ["client closed"]
+    finally:
+        writer.transport.abort()
 
 
 async def flood(run: Run, source: str) -> list[str]:
@@ -211,6 +250,8 @@ QUESTION_FOR_HOSTILE = "What is 12 + 30? Think step by step."
 async def hostile_client(run: Run, kind: str, source: str, stop: asyncio.Event, phase: Phase) -> None:
     # Each operation ends within its own deadline, so the client stops soon after `stop` is set.
     deadline_s = 3 * max(LIMITS.header_timeout_s, LIMITS.body_timeout_s, LIMITS.send_timeout_s) + 30
+    if kind == "unread_stream":
+        deadline_s += UNREAD_ANSWER_WAIT_S
     while not stop.is_set():
         try:
             outcomes = await asyncio.wait_for(KINDS[kind](run, source), deadline_s)
@@ -317,7 +358,7 @@ async def measure(run: Run, questions: list[str]) -> dict:
     quiet, hostile = merge(phases[False]), merge(phases[True])
     after = await settled(run)
     server_5xx = sum(v for k, v in metrics(run).items() if re.fullmatch(r'ponder_requests_total\{status="5\d\d"\}', k))
-    return report(quiet, hostile, after, server_5xx)
+    return report(quiet, hostile, after, server_5xx, run.unread_held_s)
 
 
 async def settled(run: Run, timeout_s: float = 60) -> dict[str, float]:
@@ -332,7 +373,7 @@ async def settled(run: Run, timeout_s: float = 60) -> dict[str, float]:
         await asyncio.sleep(0.5)
 
 
-def report(quiet: Phase, hostile: Phase, after: dict, server_5xx: float) -> dict:
+def report(quiet: Phase, hostile: Phase, after: dict, server_5xx: float, unread_held_s: list[float]) -> dict:
     ratio = p99(hostile.latencies) / p99(quiet.latencies)
     legit_failed = sum(n for status, n in (quiet.statuses + hostile.statuses).items() if status != "200")
     unexpected = {kind: {o: n for o, n in outcomes.items() if o not in EXPECTED[kind]}
@@ -352,13 +393,18 @@ def report(quiet: Phase, hostile: Phase, after: dict, server_5xx: float) -> dict
           f"{server_5xx:.0f}")
     for kind, outcomes in hostile.outcomes.items():
         print(f"  {kind:14s} {dict(outcomes)}")
+    if unread_held_s:
+        print(f"unread answers held after their first byte: at most {max(unread_held_s):.1f} s (send timeout "
+              f"{LIMITS.send_timeout_s:g} s; {len(unread_held_s)} streams)")
     print(f"server peak RSS: quiet {quiet.peak_rss_mb:.0f} MB, hostile {hostile.peak_rss_mb:.0f} MB ({growth:+.0f}); "
           f"CPU s: quiet {quiet.cpu_s:.1f}, hostile {hostile.cpu_s:.1f}")
     print(f"after: {after}")
     for name, met in targets.items():
         print(f"  {'met    ' if met else 'MISSED '} {name}")
     return {"quiet": summary(quiet), "hostile": summary(hostile), "p99_ratio": round(ratio, 3),
-            "server_5xx": server_5xx, "unexpected_outcomes": unexpected, "after": after, "targets": targets}
+            "server_5xx": server_5xx, "unexpected_outcomes": unexpected,
+            "unread_held_s_max": round(max(unread_held_s), 1) if unread_held_s else None, "after": after,
+            "targets": targets}
 
 
 def summary(p: Phase) -> dict:
@@ -380,11 +426,14 @@ def start_server(args: argparse.Namespace) -> ServerProcess:
 
 def serve_fake(port: int) -> None:
     """`ponder serve` as it would run on the fake engine, each token paced like a small model's decode step."""
-    from ponder.engine.fake import FakeEngine
+    from ponder.engine.fake import FakeEngine, fake_tokens
     from ponder.server.app import create_app
     from ponder.server.guards import uvicorn_server
 
     class PacedFakeEngine(FakeEngine):
+        n_ctx = 32768  # with a tokenizer: the server checks prompts against the context, as for the real engine
+        tokenize = staticmethod(fake_tokens)
+
         async def extend(self, branch, params, stop_if=None):
             for _ in range(params.max_tokens):
                 await super().extend(branch, replace(params, max_tokens=1), stop_if)

@@ -1,46 +1,39 @@
 """The server's limits on hostile or broken clients, on the fake engine, behind the same uvicorn protocol as
-``ponder serve``: oversized and slow bodies, trickled headers, unread streams, the per-client cap, counted fields,
-the prompt's character limit, and a large request next to ``/health``."""
+``ponder serve``: oversized and slow bodies, trickled headers, unread streams, the per-client cap and start limit,
+counted fields, the prompt's character and token limits, and a large request next to ``/health``."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
+import struct
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+from live_server import LiveServer
 
 from ponder.engine.base import PonderError
 from ponder.engine.fake import FakeEngine
 from ponder.server import ServerConfig, create_app
-from ponder.server.guards import uvicorn_server
-from test_server import QUESTION, SCRIPTS, PacedFakeEngine
+from ponder.server.admission import StartLimit
+from ponder.server.guards import CUT_SLACK, ContextCheck
+from ponder.server.schemas import ApiError
+from test_server import QUESTION, SCRIPTS, PacedFakeEngine, wait_for
 
 USER = [{"role": "user", "content": QUESTION}]
 
 
-class GuardedServer:
-    """``create_app`` served by ``uvicorn_server`` (the protocol and deadlines of ``ponder serve``) in a thread."""
+class GuardedServer(LiveServer):
+    """``create_app`` served with the protocol and deadlines of ``ponder serve`` (``uvicorn_server``) in a thread."""
 
     def __init__(self, engine, **config):
         config = ServerConfig(**config)
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.port = listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn_server(create_app(engine, config), config, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start within 10 s"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(create_app(engine, config), guards=config)
 
     def connect(self, *, receive_buffer: int | None = None) -> socket.socket:
         sock = socket.socket()
@@ -192,6 +185,76 @@ def test_the_default_character_limit_is_the_context_times_the_longest_token(serv
     assert engine.opened == 1
 
 
+# ---- the prompt's tokens ---------------------------------------------------------------------------------------
+
+def word_tokens(text: str) -> list[str]:
+    """A tokenizer that, like the BPE ones, starts a token at a space before a word: 'a b' -> ['a', ' b']."""
+    return re.findall(r" ?\S+|\s+(?!\S)|\s+", text)
+
+
+class TokenizingFakeEngine(CountingFakeEngine):
+    """The fake engine with a context size and a tokenizer, as the in-process engine has (so that the server checks
+    prompts against the context), counting the characters it is asked to tokenize."""
+
+    def __init__(self, scripts, *, n_ctx: int):
+        super().__init__(scripts)
+        self.n_ctx, self.tokenized_chars = n_ctx, 0
+
+    def tokenize(self, text: str) -> list[str]:
+        self.tokenized_chars += len(text)
+        return word_tokens(text)
+
+
+def test_a_prompt_past_the_context_is_refused_after_tokenizing_a_prefix_only(serve):
+    engine = TokenizingFakeEngine(SCRIPTS, n_ctx=10_000)
+    server = serve(engine)
+    huge = "a " * 200_000  # 200,000 tokens, twenty times the context
+    response = server.post({"model": "fake", "messages": [{"role": "user", "content": huge}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "the context holds 10000" in error["message"]
+    assert engine.opened == 0
+    assert 20_000 <= engine.tokenized_chars < 0.1 * len(huge)  # a little more than 10,000 tokens' worth of it
+
+
+def test_a_long_prompt_that_fits_is_answered(serve):
+    engine = TokenizingFakeEngine(SCRIPTS, n_ctx=10_000)
+    server = serve(engine)
+    long_words = "antidisestablishmentarianism " * 9_000  # 261,000 characters, 9,000 tokens
+    response = server.post({"model": "fake", "messages": [{"role": "user", "content": long_words}]})
+    assert response.status_code == 200 and engine.opened == 1
+    assert engine.tokenized_chars == len(long_words)  # counted through to its end, in pieces
+
+
+@pytest.mark.parametrize("words", [9_990, 10_000])
+def test_the_pieces_of_a_prompt_that_fits_add_up_to_no_more_than_the_context(words):
+    """Cuts before spaces make the pieces' tokens add up to the whole's: a prompt of up to the context's size, in
+    words of many lengths, cut dozens of times, is never refused; one past it by more than the cuts' allowance is."""
+    vocabulary = ["x" * length for length in range(1, 40)]
+    text = " ".join(vocabulary[i * 7 % len(vocabulary)] for i in range(words))
+    check = ContextCheck(10_000, word_tokens)
+    assert len(word_tokens(text)) == words
+    assert check.tokens_past_context(text) is None
+    over = text + " y" * (1 + CUT_SLACK * 100)
+    counted, chars = check.tokens_past_context(over)
+    assert counted == len(word_tokens(over[:chars])) > 10_000
+
+
+def test_text_without_spaces_is_cut_where_it_must_be():
+    check = ContextCheck(1_000, lambda text: [text[i:i + 3] for i in range(0, len(text), 3)])
+    counted, chars = check.tokens_past_context("x" * 1_000_000)
+    assert counted > 1_000 and chars < 10_000
+
+
+def test_a_lone_surrogate_is_a_400_not_a_crash(serve):
+    server = serve(TokenizingFakeEngine(SCRIPTS, n_ctx=1_000))
+    body = b'{"model": "fake", "messages": [{"role": "user", "content": "half a pair: \\ud800"}]}'
+    response = server.post(None, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages" and "surrogate" in response.text
+
+
 def test_large_allowed_requests_do_not_hold_up_health(serve):
     """Requests near the body limit (a long prompt, answered; thousands of tiny messages, refused for their count)
     keep /health answering: its worst latency under them stays within a generous bound of its quiet worst."""
@@ -255,7 +318,7 @@ def test_a_connection_that_trickles_its_headers_is_dropped(serve):
 
 def test_a_client_that_stops_reading_its_stream_is_dropped_and_its_request_freed(serve):
     words = 30_000  # one event per word: megabytes of events, more than the socket buffers hold
-    server = serve(FakeEngine([" ".join(["w"] * words)]), send_timeout_s=0.5, max_per_client=1)
+    server = serve(FakeEngine([" ".join(["w"] * words)]), send_timeout_s=0.5, max_per_client=1, client_burst=1)
     body = json.dumps({"model": "greedy/fake", "messages": USER, "max_tokens": words, "stream": True}).encode()
     with server.connect(receive_buffer=4096) as sock:
         sock.sendall(request_head(len(body)) + body)
@@ -269,7 +332,35 @@ def test_a_client_that_stops_reading_its_stream_is_dropped_and_its_request_freed
             pass
     assert received.startswith(b"HTTP/1.1 200")
     assert b"data: [DONE]" not in received  # the server gave up on the stream
-    assert server.post({"model": "fake", "messages": USER}).status_code == 200  # its slot is free again
+    # Its place under max_per_client is free again (not the cap's 429), and the stream it threw away spent its token.
+    assert server.post({"model": "fake", "messages": USER}).json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def server_end(server_port: int, client_port: int) -> int | None:
+    """Bytes the server's end of the connection from ``client_port`` has queued to send (unsent or unacknowledged),
+    in any TCP state; None when the server holds no end of it any more (Linux's /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, _, queues = line.split()[1:5]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[0], 16)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the kernel's sockets from /proc/net/tcp")
+def test_an_unread_answer_that_fits_the_socket_buffers_is_let_go_too(serve):
+    """An answer of a few hundred kB goes into the kernel's buffers at once, so the server's transport never stalls;
+    the kernel still gives up on it send_timeout after the client's window closed, instead of in minutes."""
+    words = 2_000  # about 300 kB of events: more than the client's window, less than the kernel's send buffer
+    server = serve(FakeEngine([" ".join(["w"] * words)]), send_timeout_s=0.5)
+    body = json.dumps({"model": "greedy/fake", "messages": USER, "max_tokens": words, "stream": True}).encode()
+    with server.connect(receive_buffer=4096) as sock:
+        sock.sendall(request_head(len(body)) + body)
+        client_port = sock.getsockname()[1]
+        wait_for(lambda: (server_end(server.port, client_port) or 0) > 100_000)  # the answer waits, unread
+        queued_at = time.monotonic()
+        wait_for(lambda: server_end(server.port, client_port) is None, timeout=10)
+        assert time.monotonic() - queued_at < 5
+    assert server.post({"model": "fake", "messages": USER}).status_code == 200
 
 
 # ---- the per-client cap -------------------------------------------------------------------------------------------
@@ -299,11 +390,101 @@ def test_health_and_metrics_are_not_counted_against_a_client(serve):
     first.join()
 
 
+# ---- the per-client start limit -----------------------------------------------------------------------------------
+
+def abandon(server: GuardedServer, body: dict, *, source: str = "127.0.0.1") -> None:
+    """Send ``body`` from ``source``, wait until its run decodes, and reset the connection (as a client that gives
+    up mid-stream does)."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0)) as sock:
+        sock.sendall(request_head(len(data)) + data)
+        wait_for(lambda: live_branches(server) > 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+    wait_for(lambda: live_branches(server) == 0, timeout=1)  # its branches were freed at once
+
+
+def live_branches(server: GuardedServer) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^ponder_live_branches (\S+)$", text, re.MULTILINE).group(1))
+
+
+def test_runs_a_client_throws_away_are_limited_with_429_and_retry_after(serve):
+    server = serve(PacedFakeEngine(["word " * 400], delay=0.02), client_burst=2, client_rate_per_min=6)
+    body = {"model": "sc-2/fake", "messages": USER, "max_tokens": 400, "stream": True}
+    abandon(server, body)
+    abandon(server, body)
+    refused = server.post({"model": "fake", "messages": USER})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after"]) <= 10  # a start comes back every 10 s
+    assert server.post({"model": "fake", "messages": USER, "max_tokens": 4}, source="127.0.0.2").status_code == 200
+
+
+def test_a_client_that_reads_its_answers_is_never_limited(serve):
+    server = serve(PacedFakeEngine(SCRIPTS, delay=0.01), client_burst=1, client_rate_per_min=0.01)
+    for stream in (False, True, False, True, False):  # back to back
+        response = server.post({"model": "sc-2/fake", "messages": USER, "stream": stream})
+        assert response.status_code == 200 and response.text.rstrip().endswith("[DONE]" if stream else "}")
+    statuses = []
+    at_once = [threading.Thread(target=lambda: statuses.append(server.post({"model": "sc-2/fake", "messages": USER})
+                                                               .status_code)) for _ in range(4)]
+    for thread in at_once:
+        thread.start()
+    for thread in at_once:
+        thread.join()
+    assert statuses == [200] * 4  # more at once than its burst
+
+
+def test_a_prompt_too_long_for_the_context_spends_a_start(serve):
+    server = serve(TokenizingFakeEngine(SCRIPTS, n_ctx=1_000), client_burst=1, client_rate_per_min=0.01)
+    too_long = server.post({"model": "fake", "messages": [{"role": "user", "content": "a " * 5_000}]})
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert server.post({"model": "fake", "messages": USER}).status_code == 429
+
+
+def test_the_servers_own_refusals_cost_the_client_nothing(serve):
+    server = serve(PacedFakeEngine(["word " * 40], delay=0.02), max_running=1, max_queue=0, client_burst=1,
+                   client_rate_per_min=0.01)
+    body = {"model": "sc-2/fake", "messages": USER, "max_tokens": 40}
+    running = threading.Thread(target=server.post, args=(body,), kwargs={"source": "127.0.0.2"})
+    running.start()
+    wait_for(lambda: live_branches(server) > 0)
+    busy = [server.post(body).json()["error"]["code"] for _ in range(3)]
+    running.join()
+    assert busy == ["queue_full"] * 3  # not rate_limit_exceeded
+    assert server.post(body).status_code == 200
+
+
+def test_start_limit_refills_at_its_rate_up_to_its_burst():
+    now = [0.0]
+    limit = StartLimit(rate_per_min=6, burst=2, clock=lambda: now[0])
+    limit.check("a")
+    limit.spend("a")
+    limit.spend("a")
+    with pytest.raises(ApiError) as refused:
+        limit.check("a")
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "10"}  # 1 token in 10 s
+    now[0] = 7.0  # 0.7 of a token back: 3 s to go
+    with pytest.raises(ApiError) as refused:
+        limit.check("a")
+    assert refused.value.headers == {"Retry-After": "3"}
+    limit.check("b")  # another client has its own bucket
+    now[0] = 1000.0  # refilled, but never beyond the burst
+    for _ in range(3):  # three runs started at once, all thrown away: one more than the burst
+        limit.check("a")
+    for _ in range(3):
+        limit.spend("a")
+    with pytest.raises(ApiError) as refused:
+        limit.check("a")
+    assert refused.value.headers == {"Retry-After": "20"}  # back from -1 to 1
+
 def test_limit_options_are_checked():
     for bad, says in [({"max_per_client": 0}, "max_per_client must be at least 1"),
                       ({"max_body_bytes": 0}, "max_body_bytes must be at least 1"),
                       ({"max_prompt_chars": 0}, "max_prompt_chars must be at least 1"),
                       ({"max_stop": -1}, "max_stop must be 0 or more"),
-                      ({"send_timeout_s": 0}, "send_timeout_s must be more than 0 seconds")]:
+                      ({"send_timeout_s": 0}, "send_timeout_s must be more than 0 seconds"),
+                      ({"client_burst": 0}, "client_burst must be at least 1"),
+                      ({"client_rate_per_min": 0}, "client_rate_per_min must be more than 0")]:
         with pytest.raises(PonderError, match=says):
             ServerConfig(**bad)

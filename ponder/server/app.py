@@ -7,6 +7,11 @@ OpenAI-style error body; a client that disconnects while it waits has its strate
 ``finally`` blocks release its branches and their KV cells. Hostile or broken clients meet the guards of
 ``guards.py`` (bounded bodies, deadlines, a per-client cap) before a request gets here; what a request costs the
 event loop before its strategy starts (parsing, checks) is bounded by the body limit.
+
+Once parsed, a request starts only if its client has a token left in its ``StartLimit`` bucket (admission.py); a run
+the client throws away (it disconnects, stops reading, or sends a prompt too long for the context) spends one. Its
+prompt is then measured against the context by ``ContextCheck``, which tokenizes no more of it than it takes to
+tell.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ..engine.base import Engine, EngineError, PonderError, PromptTooLongError, RemoteUnavailableError
 from ..result import Result
 from ..strategies import STRATEGIES
-from .admission import Admission
+from .admission import Admission, StartLimit
 from .config import ServerConfig
-from .guards import BodyLimit, ClientCap, error_response, prompt_chars_that_fit
+from .guards import BodyLimit, ClientCap, ContextCheck, client_of, error_response, prompt_chars_that_fit
 from .metrics import CountResponses, ServerMetrics
 from .schemas import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, ChunkDelta,
                       CompletionUsage, ModelCard, ModelList, invalid_request, parse_request)
@@ -51,6 +57,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     if config.max_prompt_chars is None:
         config = replace(config, max_prompt_chars=prompt_chars_that_fit(engine))
     admission = Admission(config.max_running, config.max_queue)
+    starts = StartLimit(config.client_rate_per_min, config.client_burst)
+    context = ContextCheck.of(engine)
     metrics = ServerMetrics(engine, admission)
     started = int(time.time())
     app = FastAPI(title="ponder", summary="Inference-time compute behind the OpenAI API")
@@ -86,38 +94,64 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = parse_request(await request.body(), max_messages=config.max_messages, max_stop=config.max_stop)
         call = plan_call(body, engine.model.name, config)
+        client = client_of(request.scope)
+        starts.check(client)
+        texts = [message.text for message in body.messages]
         try:
-            result, queued_s = await _until_disconnected(request, _run(call, engine, admission))
+            result, queued_s = await _until_disconnected(request, _run(call, texts, engine, admission, context))
         except ClientDisconnected:
             log.info("client disconnected; its %s run was cancelled", call.strategy)
+            starts.spend(client)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except ApiError as exc:
+            if exc.code == "context_length_exceeded":
+                starts.spend(client)
+            raise
         answer = _answer(body.model, call, result, queued_s)
         metrics.prompt_tokens.inc(answer.usage.prompt_tokens)
         metrics.completion_tokens.inc(answer.usage.completion_tokens)
         if not body.stream:
             return JSONResponse(answer.model_dump())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(answer, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        delivered = False
+
+        async def events():
+            nonlocal delivered
+            async for event in _sse(answer, include_usage):
+                yield event
+            # Asked before the response ends (after, every client looks gone). uvicorn's send returns quietly once
+            # the client is gone, so a stream whose client was dropped may have run to its end as well.
+            delivered = not await request.is_disconnected()
+
+        def spend_unless_delivered() -> None:  # after the stream: run to its end, or cut when the client went
+            if not delivered:
+                starts.spend(client)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(spend_unless_delivered))
 
     return app
 
 
-async def _run(call: StrategyCall, engine: Engine, admission: Admission) -> tuple[Result, float]:
-    queued_at = time.perf_counter()
-    async with admission.slot():
-        queued_s = time.perf_counter() - queued_at
-        try:
+async def _run(call: StrategyCall, texts: list[str], engine: Engine, admission: Admission,
+               context: ContextCheck | None) -> tuple[Result, float]:
+    try:
+        if context is not None:
+            await context.check(texts)  # before a run slot: a prompt that cannot fit never holds one
+        queued_at = time.perf_counter()
+        async with admission.slot():
+            queued_s = time.perf_counter() - queued_at
             return await call(engine), queued_s
-        except PromptTooLongError as exc:
-            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-        except RemoteUnavailableError as exc:
-            raise ApiError(503, str(exc), type="server_error", code="upstream_unavailable") from None
-        except EngineError:
-            log.exception("engine failure")  # a 500 carries no internals; the log keeps them
-            raise ApiError(500, "the engine failed while answering; see the server log", type="server_error") from None
-        except PonderError as exc:
-            raise ApiError(400, str(exc)) from None
+    except PromptTooLongError as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except RemoteUnavailableError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="upstream_unavailable") from None
+    except EngineError:
+        log.exception("engine failure")  # a 500 carries no internals; the log keeps them
+        raise ApiError(500, "the engine failed while answering; see the server log", type="server_error") from None
+    except PonderError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:

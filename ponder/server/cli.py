@@ -46,6 +46,13 @@ def register(subparsers) -> None:
     limits.add_argument("--max-per-client", type=positive_int, default=defaults.max_per_client, metavar="N",
                         help="requests in progress from one client address; more are refused with 429 (default: "
                              f"{defaults.max_per_client})")
+    limits.add_argument("--client-burst", type=positive_int, default=defaults.client_burst, metavar="N",
+                        help="strategy runs one client address may throw away (disconnecting, not reading its answer, "
+                             "a prompt too long for the context) before it gets 429; answered runs cost nothing "
+                             f"(default: {defaults.client_burst})")
+    limits.add_argument("--client-rate", type=float, default=defaults.client_rate_per_min, metavar="PER_MINUTE",
+                        help="the runs a client may throw away refill at this rate (default: "
+                             f"{defaults.client_rate_per_min:g})")
     limits.add_argument("--max-body-bytes", type=positive_int, default=defaults.max_body_bytes, metavar="BYTES",
                         help=f"larger request bodies are refused with 413 (default: {defaults.max_body_bytes})")
     limits.add_argument("--max-messages", type=positive_int, default=defaults.max_messages, metavar="N",
@@ -86,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(default_strategy=args.strategy, default_n=args.n,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           max_running=args.max_running, max_queue=args.max_queue,
-                          max_per_client=args.max_per_client, max_body_bytes=args.max_body_bytes,
+                          max_per_client=args.max_per_client, client_burst=args.client_burst,
+                          client_rate_per_min=args.client_rate, max_body_bytes=args.max_body_bytes,
                           max_messages=args.max_messages, max_stop=args.max_stop,
                           max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout,
                           body_timeout_s=args.body_timeout, send_timeout_s=args.send_timeout)

@@ -24,6 +24,10 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting for a run slot; beyond that, 429
     # Hostile or broken clients (docs/server.md, "Limits").
     max_per_client: int = 32  # /v1/ requests in progress from one client address; beyond that, 429
+    # Strategy runs one client address may throw away (disconnect, not read, prompt too long for the context): a token
+    # bucket of client_burst, refilled at client_rate_per_min a minute (admission.StartLimit). Beyond it, 429.
+    client_rate_per_min: float = 6.0
+    client_burst: int = 8
     # A whole 32768-token context of English is about 130 KB of JSON; parsing a body costs the event loop time in
     # proportion to its size (see docs/server.md), which this bounds.
     max_body_bytes: int = MiB
@@ -43,7 +47,7 @@ class ServerConfig:
         if self.max_running < 1 or self.max_queue < 0:
             raise PonderError(f"need max_running >= 1 and max_queue >= 0, got {self.max_running} and "
                               f"{self.max_queue}")
-        for name in ("max_per_client", "max_body_bytes", "max_messages", "max_prompt_chars"):
+        for name in ("max_per_client", "client_burst", "max_body_bytes", "max_messages", "max_prompt_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PonderError(f"{name} must be at least 1, got {value}")
@@ -52,3 +56,5 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "send_timeout_s"):
             if not getattr(self, name) > 0:
                 raise PonderError(f"{name} must be more than 0 seconds, got {getattr(self, name):g}")
+        if not self.client_rate_per_min > 0:
+            raise PonderError(f"client_rate_per_min must be more than 0, got {self.client_rate_per_min:g}")
