@@ -108,6 +108,7 @@ def test_chat_completion_answers_with_the_voted_branch_and_honest_usage(serve):
     assert completion.usage.prompt_tokens == prompt > 0  # the prompt, once
     assert completion.usage.completion_tokens == generated  # every branch's tokens
     assert completion.usage.total_tokens == prompt + generated
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0  # the fake engine keeps no prefix cache
     assert ponder["usage"]["prompt_tokens_shared"] == 3 * prompt  # each fork reused the prompt
     assert "text" not in ponder["branches"][0]
 

@@ -61,6 +61,19 @@ def test_self_consistency_over_http(ponder_serve):
     assert ponder["usage"]["prompt_tokens_shared"] >= 3 * (prompt - 1)  # each fork reused the prompt's cells
 
 
+def test_a_repeated_system_prompt_comes_from_the_prefix_cache(ponder_serve):
+    def ask(question: str):
+        return client(ponder_serve).chat.completions.create(
+            model="greedy/qwen2.5-0.5b", max_tokens=4,
+            messages=[{"role": "system", "content": CONTEXT}, {"role": "user", "content": question}])
+
+    ask("What is 12 + 30?")
+    again = ask("What is 15 + 40?")  # the same system message: its cells are cached, only the question is new
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == again.model_extra["ponder"]["usage"]["prompt_tokens_cached"]
+    assert 60 < cached < again.usage.prompt_tokens
+
+
 def test_streaming_over_http(ponder_serve):
     stream = client(ponder_serve).chat.completions.create(
         model="greedy/qwen2.5-0.5b", messages=[{"role": "user", "content": QUESTION}], max_tokens=32, stream=True)

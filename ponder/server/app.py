@@ -186,16 +186,13 @@ def _answer(model: str, call: StrategyCall, result: Result, queued_s: float) -> 
         del summary["text"]  # the chosen text is message.content; the others would make the answer huge
     details.update(chosen_branch=chosen, n=call.n)
     details["usage"]["queued_s"] = round(queued_s, 4)
-    usage = result.usage
-    prompt_tokens = usage.prompt_tokens + usage.scored_tokens
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         choices=[Choice(message=AssistantMessage(content=branch.text if branch else ""),
                         finish_reason="length" if branch and branch.finish_reason == "length" else "stop")],
-        usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=usage.generated_tokens,
-                              total_tokens=prompt_tokens + usage.generated_tokens),
+        usage=CompletionUsage.of(result.usage),
         ponder=details,
     )
 
