@@ -202,8 +202,10 @@ def main(args: argparse.Namespace) -> None:
         for engine in engines.values():
             engine.close()
     report("1. engine", results["engine"])
-    print(f"   identical greedy outputs: {results['engine']['identical_greedy_outputs']} (the others first differ at "
-          f"token {results['engine']['first_differing_token']}: a near-tie, see the module docstring)", flush=True)
+    differing = results["engine"]["first_differing_token"]
+    print(f"   identical greedy outputs: {results['engine']['identical_greedy_outputs']}"
+          + (f" (the others first differ at token {differing}: a near-tie, see the module docstring)" if differing
+             else ""), flush=True)
     if args.server:
         results["server"] = bench_server(args, system, questions)
         report("2. ponder serve over HTTP (max_tokens 1)", results["server"])
@@ -214,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ponder.engine.llamacpp import PREFIX_CACHE_TOKENS
+    from ponder.engine.prefix_cache import PREFIX_CACHE_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model name or GGUF path (default: the bundled 0.5B)")
