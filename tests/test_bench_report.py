@@ -243,3 +243,23 @@ def test_runs_of_one_prompt_are_not_flagged_and_older_files_count_as_the_default
     runs = write_report([older, results["sc6"]], None, console)
     assert [run.label for run in runs] == ["sc n=4 temperature=0.7", "sc n=6 temperature=1.0"]
     assert "prompt=" not in console.export_text() and "different prompts" not in console.export_text()
+
+
+def test_probe_tokens_are_paid_on_the_token_axis_and_shown_in_the_table(results, tmp_path):
+    """An early-exit run's probes are counted in no other field: the plot adds them to the generated tokens."""
+    probed = tmp_path / "probed.jsonl"
+    header, *records = results["greedy"].read_text().splitlines()
+    lines = [header]
+    for line in records:
+        record = json.loads(line)
+        record["usage"]["probe_tokens"] = 4
+        lines.append(json.dumps(record))
+    probed.write_text("\n".join(lines) + "\n")
+    runs, _ = load_runs([probed])
+    (point,) = pareto_series(runs)
+    assert point.tokens == [6.0 + 4.0]  # six generated tokens per problem (see above) and four of probes
+    assert runs[0].metrics.probe_tokens == 4.0
+    out = Console(record=True, width=200)
+    write_report([probed], None, out)
+    row = next(line for line in out.export_text().splitlines() if "greedy" in line and "%" in line)
+    assert [cell.strip() for cell in row.split("│")][8] == "4"  # the probe tok column

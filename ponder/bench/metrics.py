@@ -98,12 +98,20 @@ class RunMetrics:
     branches: float  # mean per problem
     prompt_tokens: float  # mean per problem
     generated_tokens: float  # mean per problem, every branch counted
+    probe_tokens: float  # mean per problem: answer probes of early exit (their text and replies), in no other count
     latency_s: float  # mean wall time from a problem's start to its end
     wall_s: float  # run time per problem: elapsed time of the runs / problems (concurrent problems share it)
     tokens_per_s: float  # generated tokens / elapsed time of the runs
     samples: int | None = None  # N of a run of independent samples; None for other strategies
     maj_at_k: list[float] | None = None  # k = 1..samples
     pass_at_k: list[float] | None = None
+
+
+    @property
+    def spent_tokens(self) -> float:
+        """Tokens decoded per problem beyond the prompt: generated plus early exit's probes (the x of the Pareto
+        plot, so a run that stops early pays for the probes that let it)."""
+        return self.generated_tokens + self.probe_tokens
 
 
 def summarize(strategy: str, records: Sequence[dict]) -> RunMetrics:
@@ -119,6 +127,7 @@ def summarize(strategy: str, records: Sequence[dict]) -> RunMetrics:
         branches=sum(len(r["branches"]) for r in records) / count,
         prompt_tokens=sum(r["usage"]["prompt_tokens"] for r in records) / count,
         generated_tokens=generated / count,
+        probe_tokens=sum(r["usage"].get("probe_tokens", 0) for r in records) / count,
         latency_s=sum(r["wall_s"] for r in records) / count,
         wall_s=elapsed / count,
         tokens_per_s=generated / elapsed if elapsed > 0 else 0.0,

@@ -33,8 +33,8 @@ from .metrics import RunMetrics, summarize
 from .runner import read_results, run_prompt
 
 # Costs are per problem: prompt and generated tokens, wall time (elapsed / problems), latency (start to answer).
-RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "wall s",
-               "latency s", "gen tok/s")
+RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "probe tok",
+               "wall s", "latency s", "gen tok/s")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Series:
     kind: str
     ks: list[int]  # k of each curve point; empty for a point
     accuracy: list[float]
-    tokens: list[float]  # mean generated tokens per problem
+    tokens: list[float]  # mean generated + probe tokens per problem
     wall_s: list[float]  # wall time per problem, seconds
     ci95: tuple[float, float] | None = None  # for points
     replay: bool = False  # a ``ponder bench --replay`` run: drawn hollow, its wall time is an estimate
@@ -162,12 +162,12 @@ def pareto_series(runs: Sequence[Run]) -> list[Series]:
     for run in runs:
         m = run.metrics
         if not has_own_curve(run):
-            series.append(Series(run.label, "point", [], [m.accuracy], [m.generated_tokens], [m.wall_s], m.ci95,
+            series.append(Series(run.label, "point", [], [m.accuracy], [m.spent_tokens], [m.wall_s], m.ci95,
                                  replay=bool(run.header.get("replay"))))
             continue
         ks = list(range(1, m.samples + 1))
         series.append(Series(f"{run.label} maj@k", "curve", ks, list(m.maj_at_k),
-                             [m.generated_tokens * k / m.samples for k in ks],
+                             [m.spent_tokens * k / m.samples for k in ks],
                              [m.wall_s * k / m.samples for k in ks]))
     return series
 
@@ -198,8 +198,8 @@ def plot_pareto(runs: Sequence[Run], path: str | Path):
                 if k & (k - 1) == 0 or k == s.ks[-1]:  # powers of two and N, so labels do not pile up
                     axes.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=8,
                                   color=color)
-    token_axes.set_title("accuracy vs generated tokens per problem")
-    token_axes.set_xlabel("generated tokens per problem (mean over problems, log scale)")
+    token_axes.set_title("accuracy vs generated (+ probe) tokens per problem")
+    token_axes.set_xlabel("generated + probe tokens per problem (mean over problems, log scale)")
     wall_axes.set_title("accuracy vs wall time per problem")
     # Estimates (maj@k: k/N of the N-sample run; replays: at the recorded run's s/token) are explained in the .md.
     wall_axes.set_xlabel("wall time per problem (s, log scale; dashed and hollow: estimated)")
@@ -235,7 +235,7 @@ def run_row(run: Run) -> list[str]:
     low, high = m.ci95
     return [run.label, run.header["strategy"], str(m.problems), f"{m.branches:.3g}",
             f"{m.accuracy:.1%} [{low:.1%}, {high:.1%}]", f"{m.prompt_tokens:.0f}", f"{m.generated_tokens:.0f}",
-            f"{m.wall_s:.2f}", f"{m.latency_s:.2f}", f"{m.tokens_per_s:.1f}"]
+            f"{m.probe_tokens:.0f}", f"{m.wall_s:.2f}", f"{m.latency_s:.2f}", f"{m.tokens_per_s:.1f}"]
 
 
 def curve_rows(run: Run) -> list[list[str]]:
@@ -298,7 +298,8 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
         "## How to read this", "",
         "- accuracy: share of problems whose final answer is correct; the interval is the 95 % Wilson interval.",
         "- Costs are per problem. branches: mean branches a problem used; prompt / gen tok: mean prompt and "
-        "generated tokens (every branch counted); "
+        "generated tokens (every branch counted); probe tok: early exit's answer probes (their text and replies), "
+        "counted nowhere else and added to the generated tokens on the plot's token axis; "
         "wall s: elapsed time of the run(s) divided by problems (concurrent problems share it); "
         "latency: mean time from a problem's start to its answer; gen tok/s: generated tokens per elapsed second.",
         "- pass@k: unbiased estimator of Chen et al. (2021); maj@k: exact expectation over all k-subsets of the N "
