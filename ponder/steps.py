@@ -74,6 +74,15 @@ class StepAllowance:
         """The cap of the next step (0: no room for one)."""
         return min(self.step_tokens, self.room(solution, reserve=reserve))
 
+    async def finish(self, solution: Branch, params: SamplingParams, *, ended: bool) -> BranchSummary:
+        """Let ``solution`` write its end in one extend with the room left (unless ``ended``: it already did), then
+        its summary. The two-model strategies end this way: the large model writes the final answer."""
+        room = self.room(solution)
+        if not ended and room > 0:
+            await solution.extend(replace(params, max_tokens=room))
+            ended = True
+        return self.summary(solution, ended=ended)
+
     def summary(self, solution: Branch, *, ended: bool) -> BranchSummary:
         """The result's record of ``solution``; ``ended`` says whether its last extend wrote the end. A solution
         that did not end with a stop was cut: its finish reason is "halted" when the budget is spent, else "length",

@@ -91,11 +91,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
                     steps[-1]["left_out"] = True  # the large model writes the end instead
                 break
             await reader.append(step.text)
-        room = allowance.room(large_branch)
-        if not ended and room > 0:
-            await large_branch.extend(replace(seeded(len(steps)), max_tokens=room))
-            ended = True
-        solution = allowance.summary(large_branch, ended=ended)
+        solution = await allowance.finish(large_branch, seeded(len(steps)), ended=ended)
     finally:
         for branch in (small_branch, large_branch):
             if branch is not None:

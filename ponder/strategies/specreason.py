@@ -128,11 +128,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
             ended = rewrite.finished
             if not ended:
                 await drafter.append(rewrite.text)
-        room = allowance.room(writer)
-        if not ended and room > 0:
-            await writer.extend(replace(seeded(len(steps)), max_tokens=room))
-            ended = True
-        solution = allowance.summary(writer, ended=ended)
+        solution = await allowance.finish(writer, seeded(len(steps)), ended=ended)
     finally:
         for branch in created:
             branch.release()
