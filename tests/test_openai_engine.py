@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from live_server import LiveServer
 
-from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, Usage
+from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, ScoreUnsupportedError, Usage
 from ponder.engine.openai import (OpenAIEngine, RemoteUnavailableError, _api_root, _chat_formatter, _echo_aligned,
                                   _status_error)
 from ponder.prompts import math_messages
@@ -28,15 +29,16 @@ from ponder.server.process import free_port
 
 class ScriptedCompletions:
     """An OpenAI-compatible app whose ``/v1/completions`` plays ``words`` (one chunk per word when streaming), with
-    ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks,
-    after ``delay`` seconds, failing the next ``failures`` calls with ``failure_status`` first, or breaking the
-    connection after ``break_after`` words. Its prompts have one token per whitespace-separated word; like vLLM, its
+    ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks
+    (with ``alternatives`` among each token's top logprobs), after ``delay`` seconds, failing the next ``failures``
+    calls with ``failure_status`` first, or breaking the connection after ``break_after`` words. Its prompts have one token per whitespace-separated word; like vLLM, its
     usage counts the end-of-sequence token, which streams no text."""
 
     def __init__(self, honours_n: bool = False, honours_logprobs: bool = False):
         self.honours_n = honours_n
         self.honours_logprobs = honours_logprobs
         self.words = ["The", " answer", " is", " 4", "."]
+        self.alternatives: dict[str, float] = {}  # listed beside every token in top_logprobs
         self.failures, self.failure_status, self.delay = 0, 503, 0.0
         self.break_after: int | None = None  # words streamed before the connection breaks
         self.bodies: list[dict] = []
@@ -66,12 +68,12 @@ class ScriptedCompletions:
     def hits(self) -> int:
         return len(self.bodies)
 
-    @staticmethod
-    def _choice(index: int, text: str, finish_reason: str | None, logprobs: bool) -> dict:
+    def _choice(self, index: int, text: str, finish_reason: str | None, logprobs: bool) -> dict:
         tokens = [text] if text else []
         return {"index": index, "text": text, "finish_reason": finish_reason,
                 "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
-                             "top_logprobs": [{t: -0.25} for t in tokens], "text_offset": [0] * len(tokens)}
+                             "top_logprobs": [{t: -0.25, **self.alternatives} for t in tokens],
+                             "text_offset": [0] * len(tokens)}
                 if logprobs else None}
 
     def _completion(self, choices: list[dict], usage: tuple[int, int] | None = None) -> dict:
@@ -371,10 +373,29 @@ def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
             root.release()
 
     backend.bodies = []
-    with pytest.raises(PonderError, match=r"score\(\) needs prompt logprobs"):
+    with pytest.raises(ScoreUnsupportedError, match=r"score\(\) needs prompt logprobs"):
         asyncio.run(score())
     assert [body.get("echo") for body in backend.bodies] == [None, True]
     assert server.supports_echo_logprobs is False
+
+
+def test_bon_self_verifies_by_one_generated_token_where_the_server_has_no_echo_logprobs(scripted):
+    from ponder.strategies import get_strategy
+    from ponder.verifiers.llm import SELF_CHECK
+
+    backend, served = scripted(honours_logprobs=True)  # its echo logprobs are no use: one token, unaligned
+    backend.alternatives = {" Yes": math.log(0.6), " No": math.log(0.2)}
+    engine = OpenAIEngine([served.url])
+    backend.bodies = []
+    result = asyncio.run(get_strategy("bon")(engine, "What is 2 + 2?", n=2, seed=7, verifier="self"))
+    assert engine._servers[0].supports_echo_logprobs is False
+    assert len([body for body in backend.bodies if body.get("echo")]) == 1  # probed once, then never asked again
+    asked = [body for body in backend.bodies if body["prompt"].endswith(SELF_CHECK)]
+    verdicts = [body for body in asked if body.get("stream")]  # the others append the question (and count it)
+    assert len(asked) == 4 and len(verdicts) == 2
+    assert all(body["max_tokens"] == 1 and body["temperature"] == 0.0 and body["logprobs"] == 20 for body in verdicts)
+    assert result.answer == "4" and result.votes == {"4": pytest.approx(0.75)}  # 0.6 / (0.6 + 0.2)
+    assert result.usage.scored_tokens == 0
 
 
 def test_a_branch_released_while_its_logprobs_are_probed_ends_cancelled(scripted):

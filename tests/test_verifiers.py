@@ -1,4 +1,5 @@
-"""The verifiers on the fake engine: P(Yes) from Yes/No log-probabilities, token accounting, the program check."""
+"""The verifiers on the fake engine: P(Yes) from Yes/No log-probabilities (scored, or read from one generated token's
+alternatives on an engine that cannot score), token accounting, the program check."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import math
 
 import pytest
 
-from ponder.engine.base import SamplingParams
-from ponder.engine.fake import FakeEngine, FakeModel
+from ponder.engine.base import SamplingParams, ScoreUnsupportedError
+from ponder.engine.fake import FakeEngine, FakeModel, Script, fake_tokens
 from ponder.verifiers import get_verifier
-from ponder.verifiers.llm import SELF_CHECK, JudgeVerifier, SelfVerifier, p_yes
+from ponder.verifiers.llm import NO_EVIDENCE, SELF_CHECK, JudgeVerifier, SelfVerifier, p_yes, p_yes_from_alternatives
 from ponder.verifiers.program import AGREES, DISAGREES, NO_EVIDENCE, ProgramVerifier, last_program
 
 
@@ -58,6 +59,59 @@ def test_judge_verifier_opens_one_prompt_per_candidate_on_the_judge_model_and_co
     assert engine.stats().live_branches == before.live_branches  # the judge's prompt was released
     assert branch.usage.prompt_tokens > prompt_before  # the judge's prompt is on the request's bill
     assert branch.usage.models["judge"]["scored_tokens"] == 2
+
+
+def test_p_yes_from_alternatives_sums_the_spellings_of_each_reply():
+    alternatives = {" Yes": math.log(0.4), "Yes": math.log(0.1), "yes": math.log(0.1), " No": math.log(0.2),
+                    "no": math.log(0.1), " The": math.log(0.05)}
+    assert p_yes_from_alternatives(alternatives) == pytest.approx(0.6 / 0.9)
+
+
+def test_a_reply_missing_from_the_alternatives_is_taken_at_the_least_listed_ones_probability():
+    only_yes = {" Yes": math.log(0.9), " The": math.log(0.01)}
+    assert p_yes_from_alternatives(only_yes) == pytest.approx(0.9 / 0.91)  # P(No) <= 0.01, not 0
+    only_no = {" No": math.log(0.6), " I": math.log(0.2)}
+    assert p_yes_from_alternatives(only_no) == pytest.approx(0.2 / 0.8)
+
+
+def test_neither_reply_among_the_alternatives_is_no_evidence():
+    assert p_yes_from_alternatives({" The": -0.5, " I": -1.5}) == NO_EVIDENCE == 0.5
+    assert p_yes_from_alternatives({}) == NO_EVIDENCE
+
+
+def verdict_script(position: int, alternatives: dict[str, float]) -> Script:
+    """A fake model's script that answers "Yes" at token ``position`` with the given first-token ``alternatives``."""
+    return Script("w " * position + "Yes", top_logprobs=[{}] * position + [alternatives])
+
+
+def test_without_score_the_self_verifier_reads_one_greedy_token_of_a_fork():
+    solution = "6 * 7 = \\boxed{42}"
+    asked_at = len(fake_tokens(solution)) + len(fake_tokens(SELF_CHECK))  # the reply follows the appended question
+    verdict = verdict_script(asked_at, {" Yes": math.log(0.6), " No": math.log(0.2), " The": math.log(0.1)})
+    engine = FakeEngine([solution, verdict], can_score=False)
+    branch = candidate(engine)
+    with pytest.raises(ScoreUnsupportedError):
+        asyncio.run(branch.score(" Yes"))
+    before, live = dict(vars(branch.usage)), engine.stats().live_branches
+    score = asyncio.run(SelfVerifier().score("What is 6 * 7?", branch))
+    assert score == pytest.approx(0.75)
+    assert branch.text == solution and branch.finish_reason == "stop"  # the candidate itself is untouched
+    assert engine.stats().live_branches == live  # the fork that was asked is released
+    usage = branch.usage  # the question as prompt tokens, the one reply token as generated, nothing scored
+    assert usage.prompt_tokens - before["prompt_tokens"] == len(fake_tokens(SELF_CHECK))
+    assert usage.generated_tokens - before["generated_tokens"] == 1
+    assert usage.scored_tokens == before["scored_tokens"] == 0
+
+
+def test_without_score_the_judge_reads_the_first_token_of_its_reply():
+    judged = FakeModel([verdict_script(0, {"Yes": math.log(0.1), "No": math.log(0.9)})])
+    engine = FakeEngine(["6 * 7 = \\boxed{41}"], models={"judge": judged}, can_score=False)
+    branch = candidate(engine)
+    live = engine.stats().live_branches
+    score = asyncio.run(JudgeVerifier(engine, "judge").score("What is 6 * 7?", branch))
+    assert score == pytest.approx(0.1)
+    assert engine.stats().live_branches == live
+    assert branch.usage.models["judge"]["generated_tokens"] == 1 and "scored_tokens" not in branch.usage.models["judge"]
 
 
 def test_judge_is_a_model_of_the_generating_engine():

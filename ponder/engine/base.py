@@ -29,6 +29,14 @@ How the contract grew, and why (each change was made once, for every engine and 
   that every problem of a benchmark and every client of a server repeats are evaluated once. A request's cost is then
   no longer its prompt length: the counter says how much of ``prompt_tokens`` came from the cache (OpenAI reports the
   same as ``prompt_tokens_details.cached_tokens``), so every Pareto point counts what it really computed.
+* **Engines that cannot score** (``ScoreUnsupportedError``, ``Branch.last_top_logprobs``): many OpenAI-compatible
+  servers return no usable prompt logprobs (llama-cpp-python 0.3 shifts them by one token, vLLM's chat API and some
+  SGLang modes have none), so a remote ``score`` is impossible there, yet every server returns the top-k alternatives
+  of a *generated* token. ``score`` on such an engine raises ``ScoreUnsupportedError`` (a documented exception rather
+  than a capability flag, because the remote engine learns it from a lazy probe, i.e. only inside an async call), and
+  an ``extend`` with ``top_logprobs`` keeps the alternatives of its last sampled token in ``last_top_logprobs``, so a
+  Yes/No verifier can read P(Yes) from one greedy token instead. One dict per branch, overwritten per token, not a
+  list per token: DeepConf asks for ``top_logprobs`` on every token of every branch, and only the last one is needed.
 """
 
 from __future__ import annotations
@@ -51,6 +59,11 @@ class EngineError(PonderError):
 
 class PromptTooLongError(PonderError):
     """The prompt (plus the tokens it asks for) can never fit in the engine's context."""
+
+
+class ScoreUnsupportedError(PonderError):
+    """``score`` is impossible on this engine (a remote server without usable prompt logprobs). A caller that can do
+    without exact scores catches it and reads ``Branch.last_top_logprobs`` of a generated token instead."""
 
 
 class RemoteUnavailableError(PonderError):
@@ -169,6 +182,9 @@ class Branch:
     token_logprobs: list[float] = field(default_factory=list)  # per sampled token
     confidences: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)  # of the top-k alternatives, renormalised (nats)
+    # The top-k alternatives (token text -> logprob) of the last token an extend with ``top_logprobs`` sampled on this
+    # branch (a fork starts with none); filled by the engines that can raise ``ScoreUnsupportedError`` (remote, fake).
+    last_top_logprobs: dict[str, float] = field(default_factory=dict)
     released: bool = False
 
     async def extend(self, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
@@ -203,7 +219,8 @@ class Branch:
         return await self.engine.fork(self, n)
 
     async def score(self, continuation: str) -> float:
-        """Sum of log-probabilities of ``continuation`` following this branch (the branch itself is unchanged)."""
+        """Sum of log-probabilities of ``continuation`` following this branch (the branch itself is unchanged).
+        Raises ``ScoreUnsupportedError`` on an engine that cannot compute it (see the module docstring)."""
         if self.released:
             raise PonderError("cannot score on a released branch")
         return await self.engine.score(self, continuation)

@@ -19,12 +19,14 @@ Which script a branch plays, and from where:
 ``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave
 the way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without
 a stop string). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
-scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0) and
-``entropies`` (default 0.0 nats).
+scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0),
+``entropies`` (default 0.0 nats) and ``top_logprobs``, the alternatives kept in ``Branch.last_top_logprobs`` (default:
+the token alone, with its logprob).
 
 ``score`` returns -0.1 per word of the continuation, or, when the branch's model has a ``score_fn``,
 ``score_fn(context, continuation)`` where ``context`` is the branch's prompt text followed by its text (so a test can
-script a verifier's verdict per candidate, or a judge's per step).
+script a verifier's verdict per candidate, or a judge's per step). ``FakeEngine(..., can_score=False)`` plays an
+engine that cannot score (a remote server without prompt logprobs): ``score`` raises ``ScoreUnsupportedError``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
-                   StopIf, Usage)
+                   ScoreUnsupportedError, StopIf, Usage)
 
 ScoreFn = Callable[[str, str], float]
 
@@ -51,6 +53,7 @@ class Script:
     logprobs: list[float] = field(default_factory=list)  # per token; defaults to -0.1 each
     confidences: list[float] = field(default_factory=list)  # per token; defaults to 1.0 each
     entropies: list[float] = field(default_factory=list)  # per token (nats); defaults to 0.0 each
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token; defaults to the token alone
 
     def tokens(self) -> list[str]:
         return fake_tokens(self.text)
@@ -77,14 +80,16 @@ class FakeBranch(Branch):
     prompt: str = ""
 
 
-def _scripted(records: list[float], i: int, default: float) -> float:
+def _scripted(records: list, i: int, default):
     return records[i] if i < len(records) else default
 
 
 class FakeEngine(Engine):
     def __init__(self, scripts: Sequence[str | Script], *, kv_cells: int = 100_000, name: str = "fake",
-                 score_fn: ScoreFn | None = None, models: Mapping[str, ModelSpec] | None = None):
+                 score_fn: ScoreFn | None = None, models: Mapping[str, ModelSpec] | None = None,
+                 can_score: bool = True):
         self.model = ModelInfo(name=name, path="", sha256="0" * 64)
+        self.can_score = can_score
         self.models = {name: FakeModel(list(scripts), score_fn)}
         for other, spec in (models or {}).items():
             self.models[other] = spec if isinstance(spec, FakeModel) else FakeModel(list(spec))
@@ -161,11 +166,13 @@ class FakeEngine(Engine):
             branch.context_tokens += 1
             branch.usage.add("generated_tokens", 1, branch.model)
             self._counters.generated_tokens += 1
+            logprob = _scripted(script.logprobs, i, -0.1)
             if params.wants_logprobs:
-                branch.token_logprobs.append(_scripted(script.logprobs, i, -0.1))
+                branch.token_logprobs.append(logprob)
             if params.top_logprobs:
                 branch.confidences.append(_scripted(script.confidences, i, 1.0))
                 branch.entropies.append(_scripted(script.entropies, i, 0.0))
+                branch.last_top_logprobs = dict(_scripted(script.top_logprobs, i, None) or {tokens[i]: logprob})
             hit = next((s for s in params.stop if s in branch.text[start_text:]), None)
             if hit is not None:
                 branch.finish_reason, branch.matched_stop = "stop", hit
@@ -179,6 +186,8 @@ class FakeEngine(Engine):
 
     async def score(self, branch: Branch, continuation: str) -> float:
         assert isinstance(branch, FakeBranch)
+        if not self.can_score:
+            raise ScoreUnsupportedError("this fake engine plays one that cannot score")
         n = len(continuation.split())
         branch.usage.add("scored_tokens", n, branch.model)
         score_fn = self.models[branch.model].score_fn

@@ -15,6 +15,8 @@ in-process engine uses) plus everything the branch has generated. Each operation
   concurrent request. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
   ``"halted"`` mean what they mean on the in-process engine; closing the stream makes the server stop generating.
 * ``score`` sends prefix + continuation with ``echo`` and ``logprobs`` and sums the continuation's prompt logprobs.
+  A server whose prompt logprobs are missing or misaligned makes it raise ``ScoreUnsupportedError``; the Yes/No
+  verifiers then read P(Yes) from the ``top_logprobs`` of one generated token (``Branch.last_top_logprobs``).
 * ``release`` closes the branch's request once no other branch reads it.
 
 One engine serves one remote model (the one named, or the only one the server lists); every branch has it as
@@ -22,7 +24,8 @@ One engine serves one remote model (the one named, or the only one the server li
 
 Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated or appended token,
 so counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the
-entropy is over those k alternatives only, a lower bound of the model's).
+entropy is over those k alternatives only, a lower bound of the model's); the last token's alternatives are kept as
+``last_top_logprobs``.
 
 Several base URLs: each request goes to the least-loaded server that is up (ties to the one that served the branch
 before, whose prefix cache holds it). Connection errors, 429 and 5xx are retried, on another server at once if there
@@ -59,7 +62,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..prompts import CHAT_TEMPLATES
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
-                   RemoteUnavailableError, SamplingParams, StopIf, Usage)
+                   RemoteUnavailableError, SamplingParams, ScoreUnsupportedError, StopIf, Usage)
 
 try:
     import openai
@@ -250,8 +253,9 @@ class OpenAIEngine(Engine):
         if not continuation:
             raise PonderError("score needs a non-empty continuation")
         if not await self._supports("supports_echo_logprobs"):
-            raise PonderError("score() needs prompt logprobs (echo with logprobs) that the remote server does not "
-                              "return correctly; vLLM does (llama-cpp-python 0.3's are shifted by one token)")
+            raise ScoreUnsupportedError("score() needs prompt logprobs (echo with logprobs) that the remote server "
+                                        "does not return correctly; vLLM does (llama-cpp-python 0.3's are shifted "
+                                        "by one token)")
         prefix = branch.prompt + branch.text
         async with self._request(branch.server, prompt=prefix + continuation, max_tokens=1, temperature=0.0,
                                  echo=True, logprobs=1) as (server, completion):
@@ -509,6 +513,7 @@ def _record_logprobs(b: RemoteBranch, logprobs, top_k: int) -> None:
         if best:
             b.confidences.append(-sum(best) / len(best))
             b.entropies.append(-sum(math.exp(lp) * lp for lp in best))
+            b.last_top_logprobs = dict(alternatives)
 
 
 def _usage_of(completion, server: _Server):

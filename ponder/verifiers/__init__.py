@@ -4,7 +4,8 @@
 * ``judge`` -- a second model of the same engine asked the same question in a fresh prompt (e.g. the bundled 1.5B).
 * ``program`` -- the Python program in the solution, run in the sandbox; does it print the stated answer?
 
-Every verifier's tokens land in the candidate's (the request's) ``Usage``: ``self`` adds the tokens it scores,
+Every verifier's tokens land in the candidate's (the request's) ``Usage``: ``self`` adds the tokens it scores (or,
+on an engine that cannot score, the question it appends and the one token it generates; see ``llm``),
 ``judge`` also the prompt it opens.
 """
 

@@ -1,7 +1,21 @@
 """Verifiers that ask a model "is this solution correct?" and read P(Yes) from its next-token log-probabilities.
 
-The score is P(Yes) / (P(Yes) + P(No)): ``Branch.score`` gives the log-probability of each reply after the question,
-and the question's own log-probability cancels in the ratio.
+The score is P(Yes) / (P(Yes) + P(No)), read one of two ways:
+
+* **exactly**, where the engine can ``score`` (the in-process engine: free, from the KV cells already computed):
+  ``Branch.score`` gives the log-probability of each reply after the question, and the question's own log-probability
+  cancels in the ratio. Costs the question and reply tokens twice as ``scored_tokens``.
+* **from one generated token**, where ``score`` raises ``ScoreUnsupportedError`` (a remote server without usable
+  prompt logprobs: llama-cpp-python 0.3, vLLM's chat API, some SGLang modes): the question is appended to a fork of
+  the candidate (``prompt_tokens``) and one greedy token is generated with the top 20 alternatives
+  (``generated_tokens``: it is a sampled token like any other; on the remote engine the append's request also
+  generates the one token the API forces, counted there too). P(Yes) sums the alternatives whose text is "yes" in any
+  case and spacing ("Yes", " Yes", "yes"), P(No) likewise. A reply missing from the top 20 is at most as likely as
+  the least likely one listed, so it is taken at that bound: the score moves towards 0.5 as far as the evidence
+  allows, never to a certain 0 or 1 it did not see. When neither reply is listed (the model starts some other
+  answer), the score is ``NO_EVIDENCE`` = 0.5: both are below the 20th alternative and nothing orders them, so the
+  candidate ranks between those judged correct and those judged wrong -- as the program verifier scores a solution it
+  cannot check.
 """
 
 from __future__ import annotations
@@ -9,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from ..engine.base import Branch, Engine, Message
+from ..engine.base import Branch, Engine, Message, SamplingParams, ScoreUnsupportedError
 
 # Appended to the candidate's own branch, so the question and solution already in its KV cells are reused. Plain
 # text in the assistant's turn: engines score continuations as text, without chat-template markup.
@@ -18,9 +32,35 @@ SELF_CHECK = "\n\nVerification: is the final answer above correct? Reply Yes or 
 JUDGE_INSTRUCTION = ("Below are a math problem and a proposed solution. Is the solution's final answer correct? "
                      "Reply with Yes or No only.")
 
+# One greedy token with as many alternatives as SamplingParams (and vLLM's default --max-logprobs) allow.
+VERDICT = SamplingParams(temperature=0.0, max_tokens=1, top_logprobs=20)
+NO_EVIDENCE = 0.5
+
 
 def p_yes(yes_logprob: float, no_logprob: float) -> float:
     return 1.0 / (1.0 + math.exp(no_logprob - yes_logprob))
+
+
+def p_yes_from_alternatives(alternatives: dict[str, float]) -> float:
+    """P(Yes) / (P(Yes) + P(No)) from the top-k alternatives of a reply's first token (see the module docstring)."""
+    yes = [lp for token, lp in alternatives.items() if token.strip().lower() == "yes"]
+    no = [lp for token, lp in alternatives.items() if token.strip().lower() == "no"]
+    if not yes and not no:
+        return NO_EVIDENCE
+    least_listed = min(alternatives.values())
+    return p_yes(_logsumexp(yes) if yes else least_listed, _logsumexp(no) if no else least_listed)
+
+
+def _logsumexp(logprobs: list[float]) -> float:
+    top = max(logprobs)
+    return top + math.log(sum(math.exp(lp - top) for lp in logprobs))
+
+
+async def read_verdict(asked: Branch) -> float:
+    """Generate the first token of the reply on ``asked`` (a branch that ends with the question) and read P(Yes)
+    from its alternatives."""
+    await asked.extend(VERDICT)
+    return p_yes_from_alternatives(asked.last_top_logprobs)
 
 
 def judge_messages(question: str, solution: str) -> list[Message]:
@@ -32,7 +72,15 @@ class SelfVerifier:
     """The generating model judges its own solution, continuing the candidate's branch."""
 
     async def score(self, question: str, candidate: Branch) -> float:
-        yes, no = await asyncio.gather(candidate.score(SELF_CHECK + " Yes"), candidate.score(SELF_CHECK + " No"))
+        try:
+            yes, no = await asyncio.gather(candidate.score(SELF_CHECK + " Yes"),
+                                           candidate.score(SELF_CHECK + " No"))
+        except ScoreUnsupportedError:
+            (asked,) = await candidate.fork(1)  # the candidate itself stays as it was
+            try:
+                return await read_verdict(await asked.append(SELF_CHECK))
+            finally:
+                asked.release()
         return p_yes(yes, no)
 
 
@@ -48,7 +96,10 @@ class JudgeVerifier:
     async def score(self, question: str, candidate: Branch) -> float:
         prompt = await self.engine.open(judge_messages(question, candidate.text), candidate.usage, model=self.judge)
         try:
-            yes, no = await asyncio.gather(prompt.score("Yes"), prompt.score("No"))
+            try:
+                yes, no = await asyncio.gather(prompt.score("Yes"), prompt.score("No"))
+            except ScoreUnsupportedError:
+                return await read_verdict(prompt)  # the prompt ends with the chat template's assistant turn
+            return p_yes(yes, no)
         finally:
             prompt.release()
-        return p_yes(yes, no)
