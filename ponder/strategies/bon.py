@@ -3,7 +3,8 @@
 A candidate that states no answer is chosen only when none does. Ties in score go to the candidate whose answer more
 candidates share, then to the one that finished first. The candidates' KV cells stay alive until they are scored, so
 the ``self`` verifier reuses them. Verifier tokens are in the result's usage (``scored_tokens``; a judge's prompts
-also in ``prompt_tokens``); the token budget caps generation.
+also in ``prompt_tokens``; on a remote server that cannot score, the question as ``prompt_tokens`` and the one-token
+verdict as ``generated_tokens``); the token budget caps generation.
 
 Options:
   verifier  ``self`` (default), ``judge`` or ``program`` (see ``ponder.verifiers``)
