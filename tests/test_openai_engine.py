@@ -41,6 +41,7 @@ class ScriptedCompletions:
         self.alternatives: dict[str, float] = {}  # listed beside every token in top_logprobs
         self.failures, self.failure_status, self.delay = 0, 503, 0.0
         self.break_after: int | None = None  # words streamed before the connection breaks
+        self.cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens when set
         self.bodies: list[dict] = []
         self.app = FastAPI()
 
@@ -82,6 +83,8 @@ class ScriptedCompletions:
         if usage:
             completion["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                                    "total_tokens": sum(usage)}
+            if self.cached_tokens is not None:
+                completion["usage"]["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         return completion
 
     async def _stream(self, n: int, max_tokens: int, logprobs: bool):
@@ -225,6 +228,17 @@ def test_append_counts_what_the_server_counts_beyond_the_context(scripted):
     with pytest.raises(PonderError, match="cannot append to a released branch"):
         root.release()
         asyncio.run(root.append("more"))
+
+
+def test_the_servers_prefix_cache_hits_are_counted(scripted):
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url])
+    usage = Usage()
+    asyncio.run(engine.open("a short prompt", usage))  # a server that does not say: nothing cached
+    backend.cached_tokens = 2
+    asyncio.run(engine.open("a short prompt", usage))
+    assert usage.prompt_tokens == 6 and usage.prompt_tokens_cached == 2
+    assert usage.models["scripted"]["prompt_tokens_cached"] == 2
 
 
 def test_429_and_5xx_are_retried_with_backoff(scripted, monkeypatch):

@@ -179,6 +179,10 @@ class OpenAIEngine(Engine):
             counted = _usage_of(completion, server)
         usage.add("prompt_tokens", counted.prompt_tokens, served)
         usage.add("generated_tokens", counted.completion_tokens, served)  # the one token this request had to generate
+        # What the server's own prefix cache held of the prompt (vLLM and SGLang report it; others say nothing).
+        cached = getattr(getattr(counted, "prompt_tokens_details", None), "cached_tokens", None)
+        if cached:
+            usage.add("prompt_tokens_cached", cached, served)
         self._counters.prefills += 1
         self._counters.prefill_tokens += counted.prompt_tokens
         self._counters.generated_tokens += counted.completion_tokens
