@@ -3,8 +3,10 @@ requests it evens out (n, max_completion_tokens, the sampler)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.peers.counting_proxy import CountingProxy  # noqa: E402
 
 SAMPLER = {"top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0}
+WORD_S = 0.02  # the scripted server's time per streamed word (a 50-word stream lasts a second)
 
 
 def words(text: str) -> int:
@@ -61,6 +64,7 @@ class ScriptedServer:
             for i, word in enumerate(reply):
                 last = i == len(reply) - 1
                 yield f"data: {json.dumps({'choices': [choice(' ' + word, 'length' if last else None)]})}\n\n"
+                await asyncio.sleep(WORD_S)  # a model takes time per token: a client can leave mid-stream
             if (body.get("stream_options") or {}).get("include_usage") and "llama" not in prompt:
                 yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
@@ -125,6 +129,9 @@ def test_a_stream_closed_early_counts_what_was_streamed(setup):
         lines = answer.iter_lines()
         received = [next(lines) for _ in range(6)]  # three events, each followed by a blank line
     assert sum(line.startswith("data:") for line in received) == 3
+    deadline = time.monotonic() + 10
+    while not proxy.records and time.monotonic() < deadline:  # the proxy notices the close on its own thread
+        time.sleep(0.05)
     totals = proxy.totals("a")
     (record,) = proxy.records
     assert record.closed_early and totals.requests == 1 and 3 <= totals.completion_tokens < 50

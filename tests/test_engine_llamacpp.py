@@ -204,7 +204,9 @@ def test_score_matches_the_logprobs_of_generation(real_engine):
     assert len(gen.token_logprobs) == len(gen.confidences) == len(gen.entropies) == 12
     assert all(lp <= 0 for lp in gen.token_logprobs)
     assert all(c > 0 for c in gen.confidences)
-    assert scored == pytest.approx(sum(gen.token_logprobs), abs=0.05)
+    # Equal up to llama.cpp's batch-shape numerics (the prompt's cells may come from the prefix cache, computed in
+    # another batch): ~0.005 nats per token was seen, so 0.1 over 12 tokens.
+    assert scored == pytest.approx(sum(gen.token_logprobs), abs=0.1)
 
 
 def test_stop_strings_end_the_extend(real_engine):

@@ -74,7 +74,7 @@ class LlamaBranch(Branch):
     pending: int = -1  # last token received, not yet in the KV cells
     n_past: int = 0  # tokens in the KV cells (positions 0..n_past-1)
     segment: Segment | None = None  # the segment this branch writes into; its parents hold the cells before
-    prompt: list[int] | None = None  # a root's prompt tokens
+    prompt_ids: list[int] | None = None  # a root's prompt tokens (the text-keeping engines have a str prompt)
     prompt_end: Segment | None = None  # a root's own hold on its prompt's cells, for the prefix cache
     seeds: np.random.SeedSequence | None = None
     rng: np.random.Generator | None = None
@@ -301,7 +301,7 @@ class _ModelRunner:
             usage.add("prompt_tokens_cached", reused, self.model.name)
         root = LlamaBranch(engine=self.engine, usage=usage, context_tokens=len(tokens), model=self.model.name,
                            runner=self, seq_id=seq, pending=tokens[-1], n_past=reused, segment=Segment(parent=shared),
-                           prompt=tokens, seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
+                           prompt_ids=tokens, seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
         root.rng = np.random.default_rng(root.seeds)
         self._live.add(root)
         return root
@@ -414,7 +414,7 @@ class _ModelRunner:
         """Free the branch's cells now, but a root's prompt: that stays in the prefix cache, if there is one."""
         if self._cacheable(branch):
             kept = [self._retire(branch)] + ([self.draft._retire(branch.shadow)] if branch.shadow is not None else [])
-            self.prefix_cache.add(branch.prompt[:-1], branch.prompt_end, kept)
+            self.prefix_cache.add(branch.prompt_ids[:-1], branch.prompt_end, kept)
         else:
             self._stop_jobs(branch)
             self._live.discard(branch)
@@ -431,7 +431,7 @@ class _ModelRunner:
         for a sequence id (which the cached prompt would keep). A shadow's prompt stays with its target's."""
         waiting = self._seq_waiters or (self.draft is not None and self.draft._seq_waiters)
         return (self.prefix_cache is not None and root.prompt_end is not None and not root.is_shadow
-                and len(root.prompt) > 1 and not waiting)
+                and len(root.prompt_ids) > 1 and not waiting)
 
     def _retire(self, root: LlamaBranch) -> tuple[_ModelRunner, int, Segment]:
         """Release ``root`` except its prompt's cells, which its sequence keeps (the cells after them are removed);
@@ -441,7 +441,7 @@ class _ModelRunner:
         self._live.discard(root)
         self._cells_used -= drop(root.segment)
         root.segment = None
-        self._kv_ops.append(("rm_from", root.seq_id, len(root.prompt) - 1))
+        self._kv_ops.append(("rm_from", root.seq_id, len(root.prompt_ids) - 1))
         return self, root.seq_id, root.prompt_end
 
     @staticmethod
