@@ -1,0 +1,94 @@
+"""What early exit did in a run, against the same run without it: the figures issue 15 asks for.
+
+    python benchmarks/early_exit_stats.py BASE.jsonl PROBED.jsonl
+
+Both files are ``ponder bench`` results of one strategy and seed, PROBED with ``--option early_exit=...``. With one
+seed, branch i of the probed run writes a prefix of branch i of the base run (on the in-process engine, up to the
+numerics of another batch shape), so each exited branch is compared with its own full trace: how many tokens the exit
+saved, and whether the probed answer is the answer the full trace reached. Only problems present in both files count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ponder.answers import equivalent  # noqa: E402
+from ponder.answers import normalize  # noqa: E402
+
+
+def load(path: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()[1:] if line.strip()]
+    return {row["id"]: row for row in rows if "branches" in row}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("probed", type=Path)
+    args = parser.parse_args()
+    base, probed = load(args.base), load(args.probed)
+    common = [i for i in base if i in probed]
+    if not common:
+        parser.error("the two files have no problem in common")
+    n = len(common)
+
+    def per_problem(rows: dict[str, dict], key: str) -> float:
+        return sum(rows[i]["usage"].get(key, 0) for i in common) / n
+
+    accuracy = {name: sum(bool(rows[i]["correct"]) for i in common) / n for name, rows in
+                (("base", base), ("probed", probed))}
+    base_generated = per_problem(base, "generated_tokens")
+    generated, probe = per_problem(probed, "generated_tokens"), per_problem(probed, "probe_tokens")
+    spent = generated + probe
+
+    exits: dict[str, int] = {}
+    saved, early_right, early_same, probes_per_branch, empty, hesitant, total_probes = [], [], [], [], 0, 0, 0
+    branches = 0
+    for i in common:
+        gold = normalize(probed[i]["gold"])
+        for k, branch in enumerate(probed[i]["branches"]):
+            branches += 1
+            details = (branch.get("details") or {}).get("early_exit") or {}
+            found = details.get("probes", [])
+            probes_per_branch.append(len(found))
+            total_probes += len(found)
+            empty += sum(p["answer"] is None for p in found)
+            hesitant += sum(bool(p["hesitant"]) for p in found)
+            rule = details.get("exit")
+            if rule is None:
+                continue
+            exits[rule] = exits.get(rule, 0) + 1
+            if rule == "loop":
+                continue
+            full = base[i]["branches"][k] if k < len(base[i]["branches"]) else None
+            early_right.append(branch.get("answer") is not None and equivalent(branch["answer"], gold))
+            if full is not None:
+                saved.append(full["generated_tokens"] - branch["generated_tokens"])
+                early_same.append(branch.get("answer") is not None and full.get("answer") is not None
+                                  and equivalent(branch["answer"], full["answer"]))
+
+    print(f"{n} problems in both runs")
+    print(f"accuracy: base {accuracy['base']:.1%}, probed {accuracy['probed']:.1%} "
+          f"({(accuracy['probed'] - accuracy['base']) * 100:+.1f} points)")
+    print(f"tokens per problem: base generated {base_generated:.0f}; probed generated {generated:.0f} + probe "
+          f"{probe:.0f} = {spent:.0f} ({spent / base_generated - 1:+.1%} against base)")
+    print(f"branches: {branches}; ended by " + (", ".join(f"{rule} {count} ({count / branches:.0%})"
+                                                     for rule, count in exits.items()) or "no rule"))
+    print(f"probes: {total_probes} ({statistics.mean(probes_per_branch):.1f} per branch), "
+          f"{empty / max(total_probes, 1):.0%} without an answer, {hesitant / max(total_probes, 1):.0%} hesitant")
+    if early_right:
+        print(f"probe exits: answer correct {sum(early_right) / len(early_right):.0%}; same answer as the branch's "
+              f"full trace {sum(early_same) / max(len(early_same), 1):.0%} ({len(early_same)} compared); tokens saved "
+              f"per exit: median {statistics.median(saved):.0f}, mean {statistics.mean(saved):.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
