@@ -8,18 +8,21 @@ over every used cell of the cache for every sequence (the others' cells are mask
 the branches together hold more cells, and holes left by released branches count too (llama.cpp attends up to the
 highest used cell). With ``kv_unified = false`` each sequence has its own stream of ``n_ctx / n_seq_max`` cells: a
 fork copies the prompt's cells, and attention only sees the sequence's own. This measures the raw loop (one prefill,
-copy the KV to N sequences, one ``llama_decode`` per step for all N, no sampling) in three set-ups, one after the
+copy the KV to N sequences, one ``llama_decode`` per step for all N, no sampling) in four set-ups, one after the
 other in one run:
 
 * ``unified``: a fresh unified cache;
 * ``unified, holes``: the same after another sequence held ``--holes`` cells below the live ones and was released,
   the state of a long-running engine;
+* ``holes, compacted``: the same holes, after the live sequence was copied out (``llama_state_seq_get_data``), the
+  cache cleared and the sequence copied back in (``llama_state_seq_set_data``), which puts it in the lowest cells;
 * ``per-sequence``: a stream per sequence.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -37,7 +40,17 @@ PROMPT_TOKENS = 100
 N_SEQ_MAX = 64
 
 
-def run(model, *, unified: bool, holes: int, n: int, steps: int, threads: int) -> list[float]:
+def compact(ctx, memory, seq: int) -> None:
+    """Copy ``seq`` out, empty the cache, copy it back: llama.cpp places it in the lowest cells."""
+    size = llama.llama_state_seq_get_size(ctx, seq)
+    state = (ctypes.c_uint8 * size)()
+    llama.llama_state_seq_get_data(ctx, state, size, seq)
+    llama.llama_memory_clear(memory, False)
+    if llama.llama_state_seq_set_data(ctx, state, size, seq) != size:
+        raise RuntimeError("llama_state_seq_set_data failed")
+
+
+def run(model, *, unified: bool, holes: int, n: int, steps: int, threads: int, compacted: bool = False) -> list[float]:
     """Aggregate tok/s of each block of 100 steps."""
     params = llama.llama_context_default_params()
     params.n_seq_max = N_SEQ_MAX
@@ -67,6 +80,8 @@ def run(model, *, unified: bool, holes: int, n: int, steps: int, threads: int) -
             fill(N_SEQ_MAX - 2, holes)
             fill(N_SEQ_MAX - 1, PROMPT_TOKENS)
             llama.llama_memory_seq_rm(memory, N_SEQ_MAX - 2, -1, -1)
+            if compacted:
+                compact(ctx, memory, N_SEQ_MAX - 1)
         fill(0, PROMPT_TOKENS)
         for seq in range(1, n):
             llama.llama_memory_seq_cp(memory, 0, seq, -1, -1)
@@ -99,14 +114,15 @@ def main() -> int:
     llama.llama_backend_init()
     model = llama.llama_model_load_from_file(resolve_model(args.model).path.encode(),
                                              llama.llama_model_default_params())
-    setups = {"unified": (True, 0), "unified, holes": (True, args.holes), "per-sequence": (False, 0)}
-    rates = {name: run(model, unified=u, holes=h, n=args.n, steps=args.steps, threads=args.threads)
-             for name, (u, h) in setups.items()}
+    setups = {"unified": (True, 0, False), "unified, holes": (True, args.holes, False),
+              "holes, compacted": (True, args.holes, True), "per-sequence": (False, 0, False)}
+    rates = {name: run(model, unified=u, holes=h, n=args.n, steps=args.steps, threads=args.threads, compacted=c)
+             for name, (u, h, c) in setups.items()}
     print(f"{args.n} sequences, prompt {PROMPT_TOKENS} tokens, aggregate tok/s by context length of each sequence:")
-    print(f"{'context':>12s}" + "".join(f"{name:>16s}" for name in rates))
+    print(f"{'context':>12s}" + "".join(f"{name:>18s}" for name in rates))
     for block in range(args.steps // 100):
         span = f"{PROMPT_TOKENS + 100 * block}-{PROMPT_TOKENS + 100 * (block + 1)}"
-        print(f"{span:>12s}" + "".join(f"{rates[name][block]:16.1f}" for name in rates))
+        print(f"{span:>12s}" + "".join(f"{rates[name][block]:18.1f}" for name in rates))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "n": args.n, "holes": args.holes,
                                         "tok_s_per_100_steps": rates}, indent=2) + "\n")

@@ -18,6 +18,7 @@ one, named after it and the target type, and are made once.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -38,6 +39,11 @@ SHIPPED = "q4_k_m"  # the format the bundled models ship in
 FORMATS = {"q8_0": llama.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama.LLAMA_FTYPE_MOSTLY_Q4_0}
 
 
+@llama.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    pass
+
+
 def requantized(source: Path, name: str) -> tuple[Path, float]:
     """``source`` re-encoded as ``name`` (made once), and the seconds it took (0 if it already existed)."""
     target = source.with_name(f"{source.stem}-requant-{name}.gguf")
@@ -49,7 +55,7 @@ def requantized(source: Path, name: str) -> tuple[Path, float]:
     params.nthread = os.cpu_count() or 1
     partial = target.with_suffix(".partial")
     started = time.perf_counter()
-    if llama.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+    if llama.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         raise SystemExit(f"llama_model_quantize to {name} failed")
     partial.rename(target)
     return target, time.perf_counter() - started
@@ -108,10 +114,10 @@ def main() -> int:
     if args.steps % 100 or args.steps > 900 or not all(1 <= n <= 64 for n in batches):
         parser.error("need --steps a multiple of 100 up to 900 and batch sizes in 1..64")
     if os.environ.get("PONDER_VERBOSE") is None:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # llama.cpp logs every KV copy to stderr
+        llama.llama_log_set(_quiet, ctypes.c_void_p(0))  # llama.cpp logs every tensor it quantizes and KV copy
 
     llama.llama_backend_init()
-    shipped = resolve_model(args.model).path
+    shipped = Path(resolve_model(args.model).path)
     formats = {SHIPPED: shipped}
     made = {}
     for name in names:

@@ -57,7 +57,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefix-cache-tokens", type=non_negative_int, default=None, metavar="N",
                        help="in-process engine: keep the KV cells of finished requests' prompts, up to N tokens, so a "
                             "prompt that repeats a cached prefix (a system prompt, few-shot examples, a chat's earlier "
-                            f"turns) evaluates only the rest; 0 = off (default: {PREFIX_CACHE_TOKENS})")
+                            f"turns) evaluates only the rest; 0 = off (default: {PREFIX_CACHE_TOKENS}). The cached "
+                            "cells slow every decode a little while they are kept (up to ~25 %% when the cache is "
+                            "full), so when prompts share little (a benchmark of unrelated questions) 0 is faster")
+    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="in-process engine: llama.cpp threads (default: one per core). On a machine where other "
+                            "programs keep cores busy, give one thread per core that is free: llama.cpp's threads wait "
+                            "for each other after every operation, so one that loses its core slows all of them "
+                            "(benchmarks/README.md, bench_threads.py)")
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
@@ -73,6 +80,10 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
             raise PonderError("--prefix-cache-tokens is for the in-process engine; a remote server keeps its own "
                               "prefix cache (vLLM: --enable-prefix-caching)")
         options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    if args.threads is not None:
+        if args.engine != "llamacpp":
+            raise PonderError("--threads is for the in-process engine; a remote server sets its own")
+        options["n_threads"] = args.threads
     return load_engine(args.model, engine=args.engine, base_url=args.base_url, **options)
 
 

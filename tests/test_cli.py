@@ -25,6 +25,8 @@ from ponder.cli import main
     (["ask", "hi", "--prompt-template", "missing.txt"], "--prompt-template missing.txt: no such file"),
     (["ask", "hi", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--prefix-cache-tokens", "0"],
      "--prefix-cache-tokens is for the in-process engine"),
+    (["ask", "hi", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--threads", "1"],
+     "--threads is for the in-process engine"),
     (["bench", "--data", "gsm8k", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--chat-template",
       "missing.jinja", "--out", "unused.jsonl"], "chat template 'missing.jinja' is neither a known name"),
 ])
@@ -36,7 +38,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv", [["ask", "hi", "--n", "0"], ["ask", "hi", "--max-tokens", "x"], ["ask"],
-                                  ["ask", "hi", "--prefix-cache-tokens", "-1"]])
+                                  ["ask", "hi", "--prefix-cache-tokens", "-1"], ["ask", "hi", "--threads", "0"]])
 def test_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -90,8 +92,9 @@ def test_ask_asks_with_the_system_message_and_template_given(tmp_path, monkeypat
                              {"role": "user", "content": "Question: What is 2+2?\nBox the answer."}]]
 
 
-@pytest.mark.parametrize("given, passed", [([], {}), (["--prefix-cache-tokens", "0"], {"prefix_cache_tokens": 0})])
-def test_the_prefix_cache_size_reaches_the_engine(given, passed, monkeypatch, capsys):
+@pytest.mark.parametrize("given, passed", [([], {}), (["--prefix-cache-tokens", "0"], {"prefix_cache_tokens": 0}),
+                                           (["--threads", "1"], {"n_threads": 1})])
+def test_engine_options_reach_the_engine(given, passed, monkeypatch, capsys):
     asked = {}
 
     def load_engine(*args, **kwargs):
@@ -100,4 +103,4 @@ def test_the_prefix_cache_size_reaches_the_engine(given, passed, monkeypatch, ca
 
     monkeypatch.setattr(options, "load_engine", load_engine)
     assert main(["ask", "What is 2+2?", "--n", "1", *given]) == 0
-    assert {k: v for k, v in asked.items() if k == "prefix_cache_tokens"} == passed
+    assert {k: v for k, v in asked.items() if k in ("prefix_cache_tokens", "n_threads")} == passed

@@ -340,33 +340,6 @@ def test_prefix_cache_gives_the_same_greedy_tokens_and_counts_what_it_reused():
     assert evaluated == sum(usage.prompt_tokens - 1 - usage.prompt_tokens_cached for _, usage in got)
 
 
-def test_compaction_moves_cached_prompts_down_and_keeps_their_greedy_tokens(monkeypatch):
-    """An idle engine that held more cells than its cached prompts need copies them to the bottom of the KV cache: the
-    two prompts that shared a system prompt then hold their own cells each, and reusing them gives the same tokens."""
-    from ponder.engine import llamacpp, load_engine
-
-    monkeypatch.setattr(llamacpp, "COMPACT_SLACK", 0)  # compact after any request: its generated cells went
-
-    async def serve(engine):
-        first = [await request(engine, chat(q)) for q in QUESTIONS[:2]]
-        for _ in range(500):  # the scheduler compacts once it is idle, then stops
-            if engine._task.done():
-                break
-            await asyncio.sleep(0.01)
-        compacted = (engine.stats().compactions, engine.prefix_cache_cells())
-        again = [await request(engine, chat(q)) for q in QUESTIONS[:2]]
-        return first, again, compacted
-
-    with load_engine("qwen2.5-0.5b", n_ctx=2048, n_seq_max=8) as engine:
-        first, again, (compactions, cells) = run(serve(engine))
-        prompts = [prompt_tokens(engine, chat(q)) for q in QUESTIONS[:2]]
-        assert compactions >= 1
-        assert cells == sum(len(p) - 1 for p in prompts)  # no longer shared: each holds its own copy
-        assert_at_rest(engine)
-    assert [tokens for tokens, _ in again] == [tokens for tokens, _ in first]
-    assert [usage.prompt_tokens_cached for _, usage in again] == [len(p) - 1 for p in prompts]
-
-
 def test_eviction_for_cells_sequence_ids_and_budget_keeps_outputs_right():
     """A small context, four sequence ids and a budget of about one prompt: cached prompts must leave for a fork that
     needs every sequence id, for the budget, and for an extend that needs their cells."""

@@ -121,16 +121,3 @@ def test_clear_forgets_everything():
     assert r.forgotten == [0, 1, 2] and len(r.cache) == 0 and r.cache.cells() == 0
     with pytest.raises(ValueError):
         PrefixCache(0, r.forget)
-
-
-def test_compaction_keeps_the_most_recent_prompts_that_fit_unshared():
-    r = Recorder(budget=30)
-    shared = Segment(cells=10)  # two prompts share 10 cells: 18 cells in the cache, 28 once each has its own
-    shared.holders += 1
-    r.cache.add([0] * 10 + [1] * 4, Segment(cells=4, parent=shared), "a")
-    r.cache.add([0] * 10 + [2] * 4, Segment(cells=4, parent=shared), "b")
-    r.cache.add([5] * 6, chain(6), "c")
-    r.cache.longest([0] * 10 + [1])  # "a" is the most recently used now: order b, c, a
-    kept = r.cache.keep_for_compaction()  # a (14) + c (6) fit in 30; b (14 more) does not
-    assert [e.value for e in kept] == ["c", "a"] and r.forgotten == ["b"]
-    assert r.cache.longest([0] * 10 + [2])[1] == 10  # b's own cells are gone; a still holds the shared prefix

@@ -269,7 +269,6 @@ class EngineStats:
     kv_cells_used: int = 0
     kv_cells_total: int = 0
     waiting: int = 0  # jobs waiting for KV room or a free sequence
-    compactions: int = 0  # times the in-process engine moved its cached prompts to the bottom of the KV cache
 
 
 class Engine(ABC):

@@ -24,21 +24,12 @@ How it works, in the manner of llama.cpp's ``batched`` and ``parallel`` examples
   only the rest; ``Usage.prompt_tokens_cached`` counts what it reused. Cells are counted in a tree of segments shared
   by forks and cached prompts alike, and the cache keeps at most ``prefix_cache_tokens`` of them, least recently used
   leaving first (``prefix_cache.py``). It never makes a job wait: admission evicts cached prompts whenever a job needs
-  their cells or a sequence id, and ``stats().kv_cells_used`` counts only the cells that live branches hold. Under
+  their cells or a sequence id, and ``stats().kv_cells_used`` counts only the cells that live branches hold. It does
+  cost decode speed while it is kept: every sequence's attention scans every used cell of the unified cache, cached
+  ones too (``benchmarks/bench_aging.py``: 0.74 of a fresh engine's speed with 6,361 cached cells, 0.99 once they
+  were dropped). Keeping cached prompts out of the context, as bytes copied in on a hit, is the planned fix. Under
   speculative decoding a cached prompt keeps its shadow's cells in the draft's context too, and is evicted from both
   at once, so the draft's context still never holds more than the target's plus the proposals of one step.
-* **Compaction.** llama.cpp attends over every cell of the unified cache up to the highest one in use (in blocks of
-  256), so cells held high up slow every later decode however few are live, and its own defragmentation is gone
-  (removed in 2025, ggml-org/llama.cpp#15473). After a burst of work the cells left high up are cached prompts:
-  ``benchmarks/bench_aging.py`` measured a decode 20 % slower after 40 varied requests than on a fresh engine. So when
-  a model is idle (no live branch, nothing queued) and has held far more cells since its last compaction than its
-  cached prompts need (``COMPACT_SLACK``), the scheduler moves them to the bottom: it copies each cached prompt's
-  sequence out (``llama_state_seq_get_data``), empties the cache and copies them back in, where llama.cpp places them
-  first; about 0.13 s for 7,000 cells of the 0.5B. The copies share no cells, so the most recently used prompts whose
-  lengths fit the cache's budget stay and the others leave. Why not a KV stream per sequence (``kv_unified = false``),
-  which ``bench_kv.py`` measured 5-17 % faster as branches grow to 400 tokens: each stream is a fixed ``n_ctx /
-  n_seq_max`` cells (512 with the defaults), so it caps every branch's length, and a fork would copy its prompt
-  instead of sharing it.
 * **Speculative decoding** (``draft=``): every branch of the target model has a *shadow* sequence in the draft
   model's context holding the same tokens. A speculative step lets the draft propose ``k`` tokens for every
   extending branch (k draft decodes, all branches batched), then the target verifies all proposals of all branches
@@ -59,7 +50,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import llama_cpp as llama
 import numpy as np
@@ -70,9 +61,6 @@ from .prefix_cache import PREFIX_CACHE_TOKENS, CachedPrompt, PrefixCache, Segmen
 from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
 
 DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first, and the cap of the adaptation
-# Compaction copies cached prompts (about 12 KB a cell for the 0.5B, 0.13 s for 7,000 cells): worth it only when they
-# may sit this many cells above the ones they need (llama.cpp attends in blocks of 256 cells).
-COMPACT_SLACK = 1024
 
 
 @llama.llama_log_callback
@@ -188,7 +176,6 @@ class _ModelRunner:
         self._kv_ops: list[tuple] = []
         self._cells_used = 0
         self._cells_reserved = 0
-        self._peak_cells = 0  # most cells held or reserved at once since the last compaction
         self._live: set[LlamaBranch] = set()
         self.counters = EngineStats(kv_cells_total=self.n_ctx)
         self.prefix_cache = (PrefixCache(min(prefix_cache_tokens, self.n_ctx), self._forget)
@@ -570,7 +557,6 @@ class _ModelRunner:
             self._waiting.popleft()
             job.reserved = need
             self._cells_reserved += need
-            self._peak_cells = max(self._peak_cells, self._cells_used + self._cells_reserved)
             (self._decoding if isinstance(job, _Extend) else self._feeding).append(job)
 
     @property
@@ -624,55 +610,7 @@ class _ModelRunner:
         self._feeding.clear()
         self._waiting.clear()
         self._kv_ops = [("clear",)]
-        self._cells_used = self._cells_reserved = self._peak_cells = 0
-
-    # ---- compaction: cached prompts back to the bottom of the KV cache (see the module docstring) ----------------
-
-    def wants_compaction(self) -> bool:
-        """Whether to compact now: this model (and its draft) is idle, keeps cached prompts, and has held many more
-        cells since the last compaction than they need, so they may sit far up in the cache."""
-        idle = [self] + ([self.draft] if self.draft is not None else [])
-        return (self.prefix_cache is not None and len(self.prefix_cache) > 0
-                and not any(r._live or r.busy or r.blocked for r in idle)
-                and self._peak_cells > self.prefix_cache.cells() + COMPACT_SLACK)
-
-    def start_compaction(self) -> Callable[[], None]:
-        """The event loop's half of a compaction: the cached prompts that stay (``keep_for_compaction``) get a
-        segment of their own in every context, the accounting follows, and the returned function -- for the
-        worker thread -- copies their sequences out, empties the cache and copies them back in."""
-        kept = self.prefix_cache.keep_for_compaction()
-        self.counters.compactions += 1
-        work = []
-        for i, runner in enumerate([self] + ([self.draft] if self.draft is not None else [])):
-            seqs = []
-            for entry in kept:
-                owner, seq, last = entry.value[i]
-                runner._cells_used -= drop(last)
-                entry.value[i] = (owner, seq, Segment(cells=len(entry.tokens)))
-                runner._cells_used += len(entry.tokens)
-                if runner is self:
-                    entry.last = entry.value[i][2]  # the cache counts its cells in the target's context
-                seqs.append(seq)
-            work.append((runner, runner._kv_ops, seqs))
-            runner._kv_ops = []
-            runner._peak_cells = runner._cells_used
-        return lambda: [runner._compact(ops, seqs) for runner, ops, seqs in work]
-
-    def _compact(self, ops: list[tuple], seqs: list[int]) -> None:
-        """On the worker: apply the queued KV operations, then move the cells of ``seqs`` to the bottom of the
-        cache (``llama_state_seq_get_data`` of each, clear the cache, ``llama_state_seq_set_data`` of each)."""
-        self._apply_kv_ops(ops)
-        saved = []
-        for seq in seqs:
-            size = llama.llama_state_seq_get_size(self._ctx, seq)
-            state = (ctypes.c_uint8 * size)()
-            if llama.llama_state_seq_get_data(self._ctx, state, size, seq) != size:
-                raise EngineError(f"could not copy sequence {seq} out of the KV cache to compact it")
-            saved.append((seq, state))
-        llama.llama_memory_clear(self._memory, False)  # every cell free; the next cells taken are the lowest
-        for seq, state in saved:
-            if llama.llama_state_seq_set_data(self._ctx, state, len(state), seq) != len(state):
-                raise EngineError(f"could not copy sequence {seq} back into the KV cache while compacting it")
+        self._cells_used = self._cells_reserved = 0
 
     # ---- the worker thread: KV operations, one decode, sampling ---------------------------------------------------
 
@@ -1055,10 +993,7 @@ class LlamaCppEngine(Engine):
             busy = [r for r in runners if r.busy]
             if not busy:
                 if not any(r.blocked for r in runners):
-                    compacting = [r for r in runners if r.wants_compaction()]
-                    if not compacting or not await self._compact(compacting):
-                        return
-                    continue
+                    return
                 # Waiting jobs need room that only a release can make. If none comes, every cell is held by idle
                 # branches that their owner waits to release until these jobs finish: fail loudly, do not hang.
                 self._wakeup.clear()
@@ -1085,23 +1020,6 @@ class LlamaCppEngine(Engine):
                     self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"decode failed: {exc!r}"))
                     return
                 runner.apply(plan, out)
-
-    async def _compact(self, runners: list[_ModelRunner]) -> bool:
-        """Compact the KV caches of idle ``runners`` on the worker; False if that failed (every job was failed)."""
-        loop = asyncio.get_running_loop()
-        for runner in runners:
-            if not runner.wants_compaction():  # a request came in while the previous model was compacted
-                continue
-            work = loop.run_in_executor(self._executor, runner.start_compaction())
-            try:
-                await asyncio.shield(work)
-            except asyncio.CancelledError:
-                await work  # the copies must be back in place before anything else touches the cache
-                raise
-            except Exception as exc:
-                self._fail_all(exc if isinstance(exc, EngineError) else EngineError(f"compaction failed: {exc!r}"))
-                return False
-        return True
 
     async def _cancelled(self, runner: _ModelRunner, plan: _StepPlan, step: asyncio.Future) -> None:
         """The scheduling task was cancelled, most often because ``asyncio.run`` ends while a last step (the KV

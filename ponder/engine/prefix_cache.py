@@ -154,22 +154,6 @@ class PrefixCache:
         while self.evict_oldest():
             pass
 
-    def keep_for_compaction(self) -> list[CachedPrompt]:
-        """Before the engine compacts its KV cache: every cached prompt then holds cells of its own (restored from a
-        copy of its sequence, shared with no other prompt), so the most recently used prompts whose lengths add up
-        to at most the budget stay and the others leave now. Returns those that stay, least recently used first; the
-        engine gives each a new ``last`` segment of its own."""
-        room, kept = self.budget, 0
-        for entry in reversed(self._entries):
-            if len(entry.tokens) > room:
-                break
-            room -= len(entry.tokens)
-            kept += 1
-        leaving, self._entries = self._entries[:len(self._entries) - kept], self._entries[len(self._entries) - kept:]
-        for entry in leaving:
-            self._forget(entry)
-        return list(self._entries)
-
     def cells(self) -> int:
         """Distinct cells the cached prompts keep (cells shared between prompts count once)."""
         seen: set[Segment] = set()

@@ -24,8 +24,6 @@ class EngineCollector(Collector):
                                   "cancelled ones included", value=stats.generated_tokens)
         yield CounterMetricFamily("ponder_prefill_tokens", "Prompt tokens evaluated by the engine",
                                   value=stats.prefill_tokens)
-        yield CounterMetricFamily("ponder_kv_compactions", "Times the engine moved its cached prompts to the bottom "
-                                  "of the KV cache", value=stats.compactions)
         yield GaugeMetricFamily("ponder_live_branches", "Branches holding KV cells now", value=stats.live_branches)
         yield GaugeMetricFamily("ponder_kv_cells_used", "KV cells in use", value=stats.kv_cells_used)
         yield GaugeMetricFamily("ponder_kv_cells_total", "KV cells in the engine's context", value=stats.kv_cells_total)
