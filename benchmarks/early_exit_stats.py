@@ -3,9 +3,11 @@
     python benchmarks/early_exit_stats.py BASE.jsonl PROBED.jsonl
 
 Both files are ``ponder bench`` results of one strategy and seed, PROBED with ``--option early_exit=...``. With one
-seed, branch i of the probed run writes a prefix of branch i of the base run (on the in-process engine, up to the
-numerics of another batch shape), so each exited branch is compared with its own full trace: how many tokens the exit
-saved, and whether the probed answer is the answer the full trace reached. Only problems present in both files count.
+seed, each branch of the probed run writes a prefix of one branch of the base run (on the in-process engine, up to
+the numerics of another batch shape; results list branches in finishing order, so they are paired by their longest
+common text, at least ``PAIRED_CHARS`` characters). Each exited branch is then compared with its own full trace: how
+many tokens the exit saved, and whether the probed answer is the answer the full trace reached. Only problems
+present in both files count.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ sys.path.insert(0, str(ROOT))
 
 from ponder.answers import equivalent  # noqa: E402
 from ponder.answers import normalize  # noqa: E402
+
+
+PAIRED_CHARS = 100  # a shorter common start may be the shared opening words of two different traces
+
+
+def common_chars(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def full_trace(branch: dict, candidates: list[dict]) -> dict | None:
+    """The base run's branch that ``branch`` is a prefix of (the longest common start), if it is long enough."""
+    best = max(candidates, key=lambda c: common_chars(branch["text"], c["text"]), default=None)
+    return best if best is not None and common_chars(branch["text"], best["text"]) >= PAIRED_CHARS else None
 
 
 def load(path: Path) -> dict[str, dict]:
@@ -53,7 +68,7 @@ def main() -> int:
     branches = 0
     for i in common:
         gold = normalize(probed[i]["gold"])
-        for k, branch in enumerate(probed[i]["branches"]):
+        for branch in probed[i]["branches"]:
             branches += 1
             details = (branch.get("details") or {}).get("early_exit") or {}
             found = details.get("probes", [])
@@ -67,7 +82,7 @@ def main() -> int:
             exits[rule] = exits.get(rule, 0) + 1
             if rule == "loop":
                 continue
-            full = base[i]["branches"][k] if k < len(base[i]["branches"]) else None
+            full = full_trace(branch, base[i]["branches"])
             early_right.append(branch.get("answer") is not None and equivalent(branch["answer"], gold))
             if full is not None:
                 saved.append(full["generated_tokens"] - branch["generated_tokens"])
