@@ -98,6 +98,13 @@ def run(model, *, unified: bool, holes: int, n: int, steps: int, threads: int, c
         llama.llama_free(ctx)
 
 
+def mean_rate(model, *, n: int, steps: int, threads: int) -> float:
+    """Aggregate tok/s of ``n`` sequences over ``steps`` steps on a fresh unified cache (the mean of the 100-step
+    blocks): the figure ``bench_threads.py`` and ``bench_quant.py`` compare."""
+    rates = run(model, unified=True, holes=0, n=n, steps=steps, threads=threads)
+    return sum(rates) / len(rates)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-0.5b")

@@ -31,7 +31,7 @@ import llama_cpp as llama
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_kv import run as decode_rates  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_kv import mean_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
 from ponder.models import resolve_model  # noqa: E402
 
@@ -65,10 +65,9 @@ def speed(path: Path, *, n: int, steps: int, threads: int) -> float:
     """Aggregate decode tok/s of ``n`` sequences over ``steps`` steps (the mean of bench_kv's 100-step blocks)."""
     model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
     try:
-        rates = decode_rates(model, unified=True, holes=0, n=n, steps=steps, threads=threads)
+        return mean_rate(model, n=n, steps=steps, threads=threads)
     finally:
         llama.llama_model_free(model)
-    return sum(rates) / len(rates)
 
 
 def quality(model: str, formats: dict[str, Path], limit: int, out_dir: Path) -> dict[str, dict]:

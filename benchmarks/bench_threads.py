@@ -27,7 +27,7 @@ import llama_cpp as llama
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_kv import run as decode_rates  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_kv import mean_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
 from ponder.models import resolve_model  # noqa: E402
 
@@ -47,11 +47,6 @@ def competitor(niceness: int | None):
     finally:
         spinner.kill()
         spinner.wait()
-
-
-def mean_rate(model, *, n: int, steps: int, threads: int) -> float:
-    rates = decode_rates(model, unified=True, holes=0, n=n, steps=steps, threads=threads)
-    return sum(rates) / len(rates)
 
 
 def main() -> int:

@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ponder.answers import equivalent  # noqa: E402
-from ponder.answers import normalize  # noqa: E402
+from ponder.answers import equivalent, normalize  # noqa: E402
 
 
 PAIRED_CHARS = 100  # a shorter common start may be the shared opening words of two different traces
