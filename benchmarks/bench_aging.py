@@ -100,7 +100,7 @@ async def main_async(args: argparse.Namespace) -> dict:
               f"{aging['prompt_tokens_cached']} cached, {aging['generated_tokens']} generated); "
               f"KV cells held by live branches now: {first.stats().kv_cells_used}", flush=True)
         aged = await measure(first, probe_question, args.n, args.tokens)
-        print(f"aged engine: {aged:.1f} tok/s (prefix cache: {first.prefix_cache_cells()} cells)", flush=True)
+        print(f"aged engine: {aged:.1f} tok/s (prefix cache: {first.prefix_cache_tokens()} tokens)", flush=True)
         first.clear_prefix_cache()
         cleared = await measure(first, probe_question, args.n, args.tokens)
         print(f"aged engine, prefix cache cleared: {cleared:.1f} tok/s", flush=True)

@@ -57,9 +57,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefix-cache-tokens", type=non_negative_int, default=None, metavar="N",
                        help="in-process engine: keep the KV cells of finished requests' prompts, up to N tokens, so a "
                             "prompt that repeats a cached prefix (a system prompt, few-shot examples, a chat's earlier "
-                            f"turns) evaluates only the rest; 0 = off (default: {PREFIX_CACHE_TOKENS}). The cached "
-                            "cells slow every decode a little while they are kept (up to ~25 %% when the cache is "
-                            "full), so when prompts share little (a benchmark of unrelated questions) 0 is faster")
+                            f"turns) evaluates only the rest; kept in memory outside the model's context (about "
+                            f"12 KB a token for the 0.5B); 0 = off (default: {PREFIX_CACHE_TOKENS})")
     group.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="in-process engine: llama.cpp threads (default: one per core). On a machine where other "
                             "programs keep cores busy, give one thread per core that is free: llama.cpp's threads wait "

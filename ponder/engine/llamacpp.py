@@ -19,17 +19,16 @@ How it works, in the manner of llama.cpp's ``batched`` and ``parallel`` examples
   reserves its ``max_tokens``), so a running branch never fails for lack of cells; when the cache is full new jobs
   wait in FIFO order. A job that could never fit is refused at once with a clear error.
 * **Prefix cache across requests** (``prefix_cache_tokens``, 0 turns it off): when a root branch is released, its
-  prompt's cells stay, under the sequence id the root had, and a later ``open`` whose prompt starts the same way
-  shares the longest such prefix (``llama_memory_seq_cp`` of its cells ``[0, n)``: no copy, no compute) and evaluates
-  only the rest; ``Usage.prompt_tokens_cached`` counts what it reused. Cells are counted in a tree of segments shared
-  by forks and cached prompts alike, and the cache keeps at most ``prefix_cache_tokens`` of them, least recently used
-  leaving first (``prefix_cache.py``). It never makes a job wait: admission evicts cached prompts whenever a job needs
-  their cells or a sequence id, and ``stats().kv_cells_used`` counts only the cells that live branches hold. It does
-  cost decode speed while it is kept: every sequence's attention scans every used cell of the unified cache, cached
-  ones too (``benchmarks/bench_aging.py``: 0.74 of a fresh engine's speed with 6,361 cached cells, 0.99 once they
-  were dropped). Keeping cached prompts out of the context, as bytes copied in on a hit, is the planned fix. Under
-  speculative decoding a cached prompt keeps its shadow's cells in the draft's context too, and is evicted from both
-  at once, so the draft's context still never holds more than the target's plus the proposals of one step.
+  prompt's KV is copied out of the context (``llama_state_seq_get_data``) into the cache, outside llama.cpp, and a
+  later ``open`` whose prompt starts the same way copies the longest such prefix into its new sequence
+  (``llama_state_seq_set_data``, then the positions past the shared prefix are dropped) and evaluates only the rest;
+  ``Usage.prompt_tokens_cached`` counts what it reused. Outside the context, because in the unified KV cache every
+  sequence's attention scans every used cell: cells kept there slowed every decode (``benchmarks/bench_aging.py``:
+  0.74 of a fresh engine's speed with 6,361 cached cells, 0.99 once they were dropped). So the context holds only
+  live branches, a cached prompt holds no cell or sequence id a job could wait for, and a hit costs a memory copy
+  (about 12 KB a token for the 0.5B). The cache keeps at most ``prefix_cache_tokens`` tokens, least recently used
+  leaving first (``prefix_cache.py``). Under speculative decoding a cached prompt keeps its shadow's KV too, copied
+  out of and into the draft's context alongside.
 * **Speculative decoding** (``draft=``): every branch of the target model has a *shadow* sequence in the draft
   model's context holding the same tokens. A speculative step lets the draft propose ``k`` tokens for every
   extending branch (k draft decodes, all branches batched), then the target verifies all proposals of all branches
@@ -57,7 +56,7 @@ import numpy as np
 
 from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
                    SamplingParams, StopIf, Usage)
-from .prefix_cache import PREFIX_CACHE_TOKENS, CachedPrompt, PrefixCache, Segment, drop, prefix_of
+from .prefix_cache import PREFIX_CACHE_TOKENS, CachedPrompt, PrefixCache, Segment, drop
 from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
 
 DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first, and the cap of the adaptation
@@ -78,7 +77,7 @@ class LlamaBranch(Branch):
     n_past: int = 0  # tokens in the KV cells (positions 0..n_past-1)
     segment: Segment | None = None  # the segment this branch writes into; its parents hold the cells before
     prompt_ids: list[int] | None = None  # a root's prompt tokens (the text-keeping engines have a str prompt)
-    prompt_end: Segment | None = None  # a root's own hold on its prompt's cells, for the prefix cache
+    prompt_end: Segment | None = None  # a root's own hold on its prompt's cells, set once they are evaluated
     seeds: np.random.SeedSequence | None = None
     rng: np.random.Generator | None = None
     utf8_state: tuple[bytes, int] = (b"", 0)  # incremental UTF-8 decoder state (a character split across tokens)
@@ -178,11 +177,8 @@ class _ModelRunner:
         self._cells_reserved = 0
         self._live: set[LlamaBranch] = set()
         self.counters = EngineStats(kv_cells_total=self.n_ctx)
-        self.prefix_cache = (PrefixCache(min(prefix_cache_tokens, self.n_ctx), self._forget)
-                             if prefix_cache_tokens > 0 else None)
-        # The caches whose prompts hold cells and sequence ids of this context: its own, or for a draft model its
-        # target's (a target's cached prompt keeps its shadow's cells here too).
-        self.caches = [self.prefix_cache] if self.prefix_cache is not None else []
+        # A draft model has none of its own: a target's cached prompt keeps its shadow's KV too.
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
 
     # ---- text --------------------------------------------------------------------------------------------------
 
@@ -266,13 +262,12 @@ class _ModelRunner:
             except BaseException:
                 self._return_seqs([seq])
                 raise
-        # Nothing waits from here to the feeds: the cached prompt found now cannot leave before its cells are
-        # shared.
         hit, reused = self.prefix_cache.longest(tokens[:-1]) if self.prefix_cache is not None else (None, 0)
-        kept = hit.value if hit is not None else [None, None]
-        root = self._root(seq, tokens, usage, kept[0], reused)
+        if hit is not None and not all(r._has_room(len(hit.tokens)) for r in filter(None, (self, self.draft))):
+            hit, reused = None, 0  # no free cells to copy the whole cached prompt into: evaluate the prompt instead
+        root = self._root(seq, tokens, usage, hit, reused)
         if self.draft is not None:
-            root.shadow = self.draft._root(shadow_seq, tokens, usage, kept[1], reused, shadow=True)
+            root.shadow = self.draft._root(shadow_seq, tokens, usage, hit, reused, shadow=True)
         for runner in filter(None, (self, self.draft)):
             runner.counters.prefills += 1
         rest = tokens[reused:-1]
@@ -290,20 +285,17 @@ class _ModelRunner:
             branch.segment = Segment(parent=branch.prompt_end)
         return root
 
-    def _root(self, seq: int, tokens: list[int], usage: Usage, kept: tuple | None, reused: int, *,
+    def _root(self, seq: int, tokens: list[int], usage: Usage, hit: CachedPrompt | None, reused: int, *,
               shadow: bool = False) -> LlamaBranch:
-        """A new root branch on sequence ``seq`` that shares the first ``reused`` cells of a cached prompt's
-        sequence ``kept`` (``(runner, sequence id, last segment)``)."""
+        """A new root branch on sequence ``seq`` whose first ``reused`` cells are copied in from the cached prompt
+        ``hit`` (this context's copy of it: the model's, or a shadow's in the draft's context)."""
         usage.add("prompt_tokens", len(tokens), self.model.name)
-        shared = None
         if reused:
-            _, kept_seq, kept_last = kept
-            shared = prefix_of(kept_last, reused)
-            shared.holders += 1
-            self._kv_ops.append(("cp", kept_seq, seq, reused))
+            self._kv_ops.append(("load", seq, hit, int(shadow), reused))
+            self._cells_used += reused
             usage.add("prompt_tokens_cached", reused, self.model.name)
         root = LlamaBranch(engine=self.engine, usage=usage, context_tokens=len(tokens), model=self.model.name,
-                           runner=self, seq_id=seq, pending=tokens[-1], n_past=reused, segment=Segment(parent=shared),
+                           runner=self, seq_id=seq, pending=tokens[-1], n_past=reused, segment=Segment(cells=reused),
                            prompt_ids=tokens, seeds=self._seeds.spawn(1)[0], is_shadow=shadow)
         root.rng = np.random.default_rng(root.seeds)
         self._live.add(root)
@@ -414,50 +406,32 @@ class _ModelRunner:
         return feed.logprob
 
     def release(self, branch: LlamaBranch) -> None:
-        """Free the branch's cells now, but a root's prompt: that stays in the prefix cache, if there is one."""
+        """Free the branch's cells now; a root's prompt is first copied out into the prefix cache, if there is one."""
         if self._cacheable(branch):
-            kept = [self._retire(branch)] + ([self.draft._retire(branch.shadow)] if branch.shadow is not None else [])
-            self.prefix_cache.add(branch.prompt_ids[:-1], branch.prompt_end, kept)
-        else:
-            self._stop_jobs(branch)
-            self._live.discard(branch)
-            self._cells_used -= drop(branch.segment) + drop(branch.prompt_end)
-            branch.segment = branch.prompt_end = None
-            self._kv_ops.append(("rm", branch.seq_id))
-            self._return_seqs([branch.seq_id])
-            if branch.shadow is not None:
-                branch.shadow.release()
+            entry = self.prefix_cache.add(branch.prompt_ids[:-1])
+            if entry is not None:  # queued before the removal below, so the copy is taken while the cells exist
+                self._kv_ops.append(("save", branch.seq_id, entry, 0))
+                if branch.shadow is not None:
+                    self.draft._kv_ops.append(("save", branch.shadow.seq_id, entry, 1))
+        self._stop_jobs(branch)
+        self._live.discard(branch)
+        self._cells_used -= drop(branch.segment) + drop(branch.prompt_end)
+        branch.segment = branch.prompt_end = None
+        self._kv_ops.append(("rm", branch.seq_id))
+        self._return_seqs([branch.seq_id])
+        if branch.shadow is not None:
+            branch.shadow.release()
         self.engine.kick()
 
     def _cacheable(self, root: LlamaBranch) -> bool:
-        """Whether a released root's prompt should stay in the prefix cache: it was evaluated, and no job is waiting
-        for a sequence id (which the cached prompt would keep). A shadow's prompt stays with its target's."""
-        waiting = self._seq_waiters or (self.draft is not None and self.draft._seq_waiters)
+        """Whether a released root's prompt goes to the prefix cache: it was evaluated and has a token to reuse. A
+        shadow's prompt goes with its target's."""
         return (self.prefix_cache is not None and root.prompt_end is not None and not root.is_shadow
-                and len(root.prompt_ids) > 1 and not waiting)
+                and len(root.prompt_ids) > 1)
 
-    def _retire(self, root: LlamaBranch) -> tuple[_ModelRunner, int, Segment]:
-        """Release ``root`` except its prompt's cells, which its sequence keeps (the cells after them are removed);
-        return what the prefix cache needs to reuse and free them: ``(runner, sequence id, last segment)``."""
-        root.released = True  # a shadow is retired by its target's release, not by its own
-        self._stop_jobs(root)
-        self._live.discard(root)
-        self._cells_used -= drop(root.segment)
-        root.segment = None
-        self._kv_ops.append(("rm_from", root.seq_id, len(root.prompt_ids) - 1))
-        return self, root.seq_id, root.prompt_end
-
-    @staticmethod
-    def _forget(entry: CachedPrompt) -> None:
-        """Free a cached prompt's cells and sequence ids, in the target's context and its draft's."""
-        for runner, seq, last in entry.value:
-            runner._cells_used -= drop(last)
-            runner._kv_ops.append(("rm", seq))
-            runner._return_seqs([seq])
-
-    def _evict_one(self) -> bool:
-        """Free the least recently used cached prompt that holds cells and a sequence id here; False if none does."""
-        return any(cache.evict_oldest() for cache in self.caches)
+    def _has_room(self, cells: int) -> bool:
+        """Whether ``cells`` cells are free beyond what live branches hold and admitted jobs may still write."""
+        return self.n_ctx - self._cells_used - self._cells_reserved >= cells
 
     def _stop_jobs(self, branch: LlamaBranch) -> None:
         """End the branch's extend (as cancelled) and its feeds (with an error) and give back their reservations."""
@@ -478,22 +452,9 @@ class _ModelRunner:
             if not feed.future.done():
                 feed.future.set_exception(PonderError("the branch was released while its prompt was evaluated"))
 
-    def _cells_in_use(self) -> int:
-        """Cells that live branches hold. The rest of ``_cells_used`` is held by cached prompts only: free for the
-        taking, since admission evicts them before a job would wait."""
-        seen: set[Segment] = set()
-        total = 0
-        for branch in self._live:
-            for segment in (branch.segment, branch.prompt_end):
-                while segment is not None and segment not in seen:
-                    seen.add(segment)
-                    total += segment.cells
-                    segment = segment.parent
-        return total
-
     def stats(self) -> EngineStats:
         return replace(self.counters, live_branches=sum(1 for b in self._live if not b.is_shadow),
-                       kv_cells_used=self._cells_in_use(), waiting=len(self._waiting) + len(self._seq_waiters))
+                       kv_cells_used=self._cells_used, waiting=len(self._waiting) + len(self._seq_waiters))
 
     def close(self) -> None:
         if self._ctx:
@@ -508,10 +469,6 @@ class _ModelRunner:
         if n > self.n_seq_max:
             raise PonderError(f"asked for {n} branches at once; this engine holds at most {self.n_seq_max} "
                               f"(raise n_seq_max)")
-        # Cached prompts give their sequence ids back before anyone waits for one.
-        wanted = n + sum(k for k, _ in self._seq_waiters)
-        while len(self._free_seqs) < wanted and self._evict_one():
-            pass
         if len(self._free_seqs) >= n and not self._seq_waiters:
             return [self._free_seqs.popleft() for _ in range(n)]
         waiter = self.engine.new_future()
@@ -547,11 +504,6 @@ class _ModelRunner:
             # A draft model's shadows live in the margin of its context (see the module docstring): they only need
             # cells that are free, not unreserved.
             reserved = 0 if job.branch.is_shadow else self._cells_reserved
-            short = need - (self.n_ctx - self._cells_used - reserved)
-            if 0 < short <= self._cells_used - self._cells_in_use():
-                # Cells that only cached prompts hold make up the difference: they go, least recently used first.
-                while self.n_ctx - self._cells_used - reserved < need and self._evict_one():
-                    pass
             if self.n_ctx - self._cells_used - reserved < need:
                 break
             self._waiting.popleft()
@@ -604,8 +556,8 @@ class _ModelRunner:
         for branch in list(self._live):
             branch.job = None
             branch.release()
-        for cache in self.caches:
-            cache.clear()
+        if self.prefix_cache is not None:  # the copies of the prompts just released will not be taken
+            self.prefix_cache.clear()
         self._decoding.clear()
         self._feeding.clear()
         self._waiting.clear()
@@ -620,8 +572,22 @@ class _ModelRunner:
                 llama.llama_memory_seq_cp(self._memory, op[1], op[2], 0, op[3])
             elif op[0] == "rm":
                 llama.llama_memory_seq_rm(self._memory, op[1], -1, -1)
-            elif op[0] == "rm_from":  # positions op[2].. of sequence op[1]: rejected drafts, or past a kept prompt
+            elif op[0] == "rm_from":  # positions op[2].. of sequence op[1]: rejected drafts
                 llama.llama_memory_seq_rm(self._memory, op[1], op[2], -1)
+            elif op[0] == "save":  # copy the prompt of sequence op[1] out into cached prompt op[2], slot op[3]
+                _, seq, entry, slot = op
+                llama.llama_memory_seq_rm(self._memory, seq, len(entry.tokens), -1)  # the sequence is released next
+                size = llama.llama_state_seq_get_size(self._ctx, seq)
+                state = (ctypes.c_uint8 * size)()
+                if llama.llama_state_seq_get_data(self._ctx, state, size, seq) != size:
+                    raise EngineError(f"could not copy sequence {seq}'s prompt out of the KV cache")
+                entry.states[slot] = state
+            elif op[0] == "load":  # cached prompt op[2] (slot op[3]) into sequence op[1], keeping op[4] positions
+                _, seq, entry, slot, keep = op
+                state = entry.states[slot]
+                if llama.llama_state_seq_set_data(self._ctx, state, len(state), seq) != len(state):
+                    raise EngineError(f"could not copy a cached prompt into sequence {seq}")
+                llama.llama_memory_seq_rm(self._memory, seq, keep, -1)
             else:
                 llama.llama_memory_clear(self._memory, True)
 
@@ -838,10 +804,8 @@ class LlamaCppEngine(Engine):
                 raise PonderError(f"{draft.name} cannot draft for {model.name}: their vocabularies differ "
                                   f"({draft_runner.n_vocab} and {target.n_vocab} tokens)")
             target.draft = draft_runner
-            # The draft's context holds shadows that grow without admission (in its margin): no cached prompts of
-            # its own there, only the shadows of the target's, which mirror the target's cells.
+            # No prefix cache of the draft's own: the target's cached prompts keep their shadows' KV too.
             draft_runner.prefix_cache = None
-            draft_runner.caches = list(target.caches)
         self.draft = draft
 
     def _load(self, model: ModelInfo, margin: int = 0) -> _ModelRunner:
@@ -939,13 +903,13 @@ class LlamaCppEngine(Engine):
         assert isinstance(branch, LlamaBranch)
         branch.runner.release(branch)
 
-    def prefix_cache_cells(self, model: str | None = None) -> int:
-        """KV cells the prefix cache of ``model`` (default: the engine's model) keeps, shared ones counted once."""
+    def prefix_cache_tokens(self, model: str | None = None) -> int:
+        """Prompt tokens whose KV the prefix cache of ``model`` (default: the engine's model) keeps."""
         cache = self._runners[model or self.model.name].prefix_cache
-        return cache.cells() if cache is not None else 0
+        return cache.tokens() if cache is not None else 0
 
     def clear_prefix_cache(self) -> None:
-        """Forget every cached prompt of every model (their cells are freed by the next decode step)."""
+        """Forget every cached prompt of every model."""
         for runner in self._loaded:
             if runner.prefix_cache is not None:
                 runner.prefix_cache.clear()

@@ -1,4 +1,4 @@
-"""Bookkeeping of the in-process engine's KV cells, and the prefix cache that keeps finished prompts' cells.
+"""Bookkeeping of the in-process engine's KV cells, and the prefix cache that keeps finished prompts' KV.
 
 Pure Python and numpy, no llama.cpp: the engine (``llamacpp.py``) turns these decisions into KV operations.
 
@@ -7,32 +7,32 @@ A branch holds the segment it writes into; every segment holds its ``parent``, t
 the segments of all branches form a tree whose paths from the root are the branches' token prefixes -- the radix tree
 of SGLang's RadixAttention, over KV cells: a fork's children hang under their parent's last segment and share every
 cell above it, each cell is counted once however many sequences share it, and a segment's cells are free once its
-last holder (a branch, a child segment or a cached prompt) lets go (``drop``). ``prefix_of`` cuts a segment in two
-where a new sequence shares only the first part of another's cells.
+last holder (a branch or a child segment) lets go (``drop``).
 
-**The prefix cache.** When a request's root branch is released, its prompt's cells need not be: the engine keeps them
-under the sequence id the root had and adds the prompt here. A new prompt asks for the cached prompt that shares its
-longest prefix (``longest``); the engine copies that sequence's cells ``[0, n)`` to the new sequence (with a unified
-KV cache ``llama_memory_seq_cp`` shares cells, it copies nothing) and evaluates only the rest, as llama.cpp's server
-does with its slots' prompt cache. The cache is bounded by ``budget`` cells (counted once, shared or not) and gives
-back the least recently used prompt first; the engine also evicts whenever a job needs cells or a sequence id that
-only cached prompts hold, so a request never waits for the cache.
+**The prefix cache** keeps the KV of finished requests' prompts *outside* the decoding context: when a request's root
+branch is released, the engine copies its prompt's cells out (``llama_state_seq_get_data``: llama.cpp's own
+serialization of a sequence, about 12 KB a token for the 0.5B) into a ``CachedPrompt``, and frees them. A new prompt
+asks for the cached prompt that shares its longest prefix (``longest``); the engine copies those bytes into the new
+sequence (``llama_state_seq_set_data``, a memory copy of milliseconds where evaluating a 1,000-token prefix takes a
+second or more), drops the positions past the shared prefix, and evaluates only the rest. Why not keep the cells in
+the context, sharing them with ``llama_memory_seq_cp`` as the first version did: in llama.cpp's unified KV cache every
+sequence's attention scans every used cell, so kept cells slowed every decode (``benchmarks/bench_aging.py``: 0.74 of
+a fresh engine's speed with 6,361 cached cells, 0.99 once they were dropped). Outside the context they cost memory
+only, and they hold no sequence id and no cell that a job could ever wait for.
 
-Why a list, not a token trie: a cached prompt holds a sequence id of its context (llama.cpp keeps a cell only while a
-sequence holds it), so there are never more than ``n_seq_max`` of them (64 by default). Comparing a new prompt with
-each of them in numpy takes microseconds, against the milliseconds of one decode step; and the sharing a trie would
-give exists anyway one level down, in the segments: a prompt evaluated on top of a cached prefix hangs under that
-prefix's segments, so the common cells exist once. A prompt that another cached prompt starts with is not kept twice.
+The cache is bounded by ``budget`` tokens and gives back the least recently used prompt first. A prompt that another
+cached prompt starts with is not kept twice. A list, not a token trie: comparing a new prompt with each cached one in
+numpy takes microseconds against the milliseconds of one decode step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
-PREFIX_CACHE_TOKENS = 8192  # default budget of the prefix cache, in cells of each model's context
+PREFIX_CACHE_TOKENS = 8192  # default budget of the prefix cache, in tokens of each model (their KV kept in memory)
 
 
 @dataclass(eq=False)
@@ -42,15 +42,6 @@ class Segment:
     cells: int = 0
     parent: Segment | None = None
     holders: int = 1
-
-
-def chain_cells(last: Segment | None) -> int:
-    """Cells from the start of the sequence through ``last``: the length of the prefix it ends."""
-    total = 0
-    while last is not None:
-        total += last.cells
-        last = last.parent
-    return total
 
 
 def drop(last: Segment | None) -> int:
@@ -65,25 +56,6 @@ def drop(last: Segment | None) -> int:
     return freed
 
 
-def prefix_of(last: Segment, n: int) -> Segment | None:
-    """The segment that ends exactly after the first ``n`` cells of ``last``'s chain (``None`` for ``n == 0``),
-    splitting the segment that holds cell ``n`` in two when ``n`` falls inside it. The caller adds its own hold."""
-    end = chain_cells(last)
-    if not 0 <= n <= end:
-        raise ValueError(f"a prefix of {n} cells of a chain of {end}")
-    segment = last
-    while segment is not None:
-        start = end - segment.cells
-        if n == end:
-            return segment
-        if start < n:  # n falls inside: the head keeps the first part, this segment the rest
-            head = Segment(cells=n - start, parent=segment.parent, holders=1)
-            segment.parent, segment.cells = head, end - n
-            return head
-        segment, end = segment.parent, start
-    return None
-
-
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of two token arrays."""
     m = min(len(a), len(b))
@@ -93,20 +65,19 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 @dataclass(eq=False)
 class CachedPrompt:
-    tokens: np.ndarray  # the tokens whose cells are kept, positions 0 .. len - 1
-    last: Segment  # the last segment of those cells
-    value: Any  # what the engine needs to reuse and free them (its sequence ids)
+    tokens: np.ndarray  # the tokens whose KV is kept, positions 0 .. len - 1
+    # llama.cpp's serialized KV of those tokens, one per context (the model's, then its draft's under speculative
+    # decoding); the engine's worker fills them in when it copies the released prompt out, before any copy back in
+    states: list = field(default_factory=lambda: [None, None])
 
 
 class PrefixCache:
-    """Cached prompts, least recently used first, at most ``budget`` cells in all; ``forget(entry)`` frees an entry's
-    cells and sequence ids when it leaves (the engine's part)."""
+    """Cached prompts, least recently used first, at most ``budget`` tokens in all."""
 
-    def __init__(self, budget: int, forget: Callable[[CachedPrompt], None]):
+    def __init__(self, budget: int):
         if budget < 1:
-            raise ValueError(f"a prefix cache needs a budget of at least one cell, got {budget}")
+            raise ValueError(f"a prefix cache needs a budget of at least one token, got {budget}")
         self.budget = budget
-        self._forget = forget
         self._entries: list[CachedPrompt] = []  # least recently used first
 
     def __len__(self) -> int:
@@ -125,46 +96,31 @@ class PrefixCache:
             self._touch(best)
         return best, best_n
 
-    def add(self, tokens: Sequence[int], last: Segment, value: Any) -> None:
-        """Keep a prompt's cells. A prompt already cached (alone or at the start of a longer one) is not kept twice,
-        and cached prompts that the new one starts with give way to it. Then the least recently used prompts leave
-        until the cache fits its budget (the new one too, if it alone is larger)."""
-        new = CachedPrompt(np.asarray(tokens, dtype=np.int32), last, value)
+    def add(self, tokens: Sequence[int]) -> CachedPrompt | None:
+        """A new entry for a prompt, for the engine to fill in; None if the prompt is already cached (alone or at the
+        start of a longer one). Cached prompts that the new one starts with give way to it, then the least recently
+        used prompts leave until the cache fits its budget (None if the new one alone is larger)."""
+        new = CachedPrompt(np.asarray(tokens, dtype=np.int32))
+        if len(new.tokens) > self.budget:
+            return None
         for entry in list(self._entries):
             n = common_prefix(entry.tokens, new.tokens)
             if n == len(new.tokens):
                 self._touch(entry)
-                self._forget(new)
-                return
+                return None
             if n == len(entry.tokens):
                 self._entries.remove(entry)
-                self._forget(entry)
         self._entries.append(new)
-        while self.cells() > self.budget:
-            self.evict_oldest()
-
-    def evict_oldest(self) -> bool:
-        """Free the least recently used prompt; False when the cache is empty."""
-        if not self._entries:
-            return False
-        self._forget(self._entries.pop(0))
-        return True
+        while self.tokens() > self.budget:
+            self._entries.pop(0)
+        return new
 
     def clear(self) -> None:
-        while self.evict_oldest():
-            pass
+        self._entries.clear()
 
-    def cells(self) -> int:
-        """Distinct cells the cached prompts keep (cells shared between prompts count once)."""
-        seen: set[Segment] = set()
-        total = 0
-        for entry in self._entries:
-            segment = entry.last
-            while segment is not None and segment not in seen:
-                seen.add(segment)
-                total += segment.cells
-                segment = segment.parent
-        return total
+    def tokens(self) -> int:
+        """Tokens the cached prompts keep in all."""
+        return sum(len(entry.tokens) for entry in self._entries)
 
     def _touch(self, entry: CachedPrompt) -> None:
         self._entries.remove(entry)
