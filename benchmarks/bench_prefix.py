@@ -19,8 +19,8 @@ decode step, the cost the cache removes.
    pair; the tests (``tests/test_engine_llamacpp.py``) check exact identity on prompts without such ties.
 2. **Server**: the same requests over HTTP on 127.0.0.1 to two servers (``greedy/MODEL``, ``max_tokens`` 1: the
    answer comes once the strategy has its token, so the request's time is its time to first token). Each server is
-   this script in a child process running ``ponder serve``'s app on an engine of the given cache size, because
-   ``ponder serve`` has no option for it yet.
+   this script in a child process running ``ponder serve``'s app on an engine of the given cache size and of the
+   same ``n_ctx`` as the engine part (``ponder serve`` has no option for the context size).
 
 Printed: median time to first token without and with the cache over the requests after the first (the first one
 fills the cache), their ratio (target >= 5x), and prompt tokens evaluated vs cached. Results in

@@ -55,7 +55,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{' or '.join(CHAT_TEMPLATES)} (default qwen2.5), or a Jinja file (a Hugging Face "
                             "chat template); the in-process engine reads the template from the GGUF")
     group.add_argument("--prefix-cache-tokens", type=non_negative_int, default=None, metavar="N",
-                       help="in-process engine: keep the KV cells of finished requests' prompts, up to N tokens, so a "
+                       help="in-process engine: keep the KV of finished requests' prompts, up to N tokens, so a "
                             "prompt that repeats a cached prefix (a system prompt, few-shot examples, a chat's earlier "
                             f"turns) evaluates only the rest; kept in memory outside the model's context (about "
                             f"12 KB a token for the 0.5B); 0 = off (default: {PREFIX_CACHE_TOKENS})")

@@ -369,6 +369,35 @@ def test_a_small_context_few_ids_and_a_small_budget_keep_outputs_right():
     assert got[1][1].prompt_tokens_cached > 150 and got[2][1].prompt_tokens_cached > 150
 
 
+def test_a_cached_prompt_loads_into_a_fragmented_cache():
+    """A hit copies the cached prompt's KV into cells that are free but scattered: six short requests fill the
+    context, every other one is released, and no run of free cells is as long as the cached prompt. (llama.cpp once
+    restored a sequence into contiguous cells only, its issue 17527.)"""
+    from ponder.engine import load_engine
+
+    async def serve(engine):
+        await request(engine, chat(QUESTIONS[0]))
+        roots = []
+        for i in range(6):
+            root = await engine.open([{"role": "user", "content": f"item{i} " * 8}], Usage())
+            await root.extend(SHORT)
+            roots.append(root)
+        for root in roots[::2]:
+            root.release()
+        answer = await request(engine, chat(QUESTIONS[1]))
+        for root in roots[1::2]:
+            root.release()
+        return roots[0].n_past, answer
+
+    with load_engine("qwen2.5-0.5b", n_ctx=512, n_seq_max=8, prefix_cache_tokens=0) as plain:
+        _, (expected, _) = run(serve(plain))
+    with load_engine("qwen2.5-0.5b", n_ctx=512, n_seq_max=8) as cached:
+        short, (got, usage) = run(serve(cached))
+        assert_at_rest(cached)
+    assert 512 - 6 * short < usage.prompt_tokens_cached and short < usage.prompt_tokens_cached  # no run that long
+    assert got == expected
+
+
 def test_prefix_cache_under_speculative_decoding(tmp_path):
     """The draft's shadows reuse the same prefix: a cached prompt keeps a copy of the shadow's KV too.
     (The bundled 0.5B drafts for a copy of itself under another name: cheap, and greedy output is the target's.)"""

@@ -24,7 +24,7 @@ How the contract grew, and why (each change was made once, for every engine and 
 * **Accounting per model and per kind**: ``Usage`` keeps the totals it always had and, beside them, the same counters
   per model (``Usage.models``) plus drafted/accepted tokens of speculative decoding and wall time per named stage
   (``Usage.stages``, e.g. the sandbox). Engines count through ``Usage.add`` so both views always agree.
-* **A prefix cache across requests** (``prompt_tokens_cached``): the in-process engine keeps the KV cells of finished
+* **A prefix cache across requests** (``prompt_tokens_cached``): the in-process engine keeps the KV of finished
   requests' prompts and a new prompt reuses its longest cached prefix, so the system prompt and few-shot examples
   that every problem of a benchmark and every client of a server repeats are evaluated once. A request's cost is then
   no longer its prompt length: the counter says how much of ``prompt_tokens`` came from the cache (OpenAI reports the
