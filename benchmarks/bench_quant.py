@@ -7,12 +7,12 @@ by llama.cpp's own quantizer (Q8_0 and Q4_0 have repacked CPU kernels), for spee
 Speed: the raw loop of ``bench_kv.py`` (one prefill, copy the KV to N sequences, one ``llama_decode`` per step for
 all N, no sampling) for every format at N = 1 and N = 16, one format after the other in one run, so the ratios are
 side by side. Quality (``--quality K``): ``ponder bench --strategy greedy`` on the first K GSM8K dev problems for each
-format (results under ``benchmarks/results/quant/``, resumable), then the accuracy and how often each format's greedy
-answer equals the shipped format's.
+format (``benchmarks/results/quant/MODEL-greedy-FORMAT.jsonl``, resumable), then the accuracy and how often each
+format's greedy answer equals the shipped format's.
 
 Re-encoding starts from the shipped Q4_K_M (``allow_requantize``): it cannot bring back precision the shipped file
-lost, it only changes the layout the CPU kernels read. The files go to ``$PONDER_HOME/models/`` next to the shipped
-one, named after it and the target type, and are made once.
+lost, it only changes the layout the CPU kernels read. The files are ponder's derived models (``ponder.models``:
+``--model qwen2.5-0.5b-q4_0`` and so on), made once into ``$PONDER_HOME/models/``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_kv import mean_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
-from ponder.models import resolve_model  # noqa: E402
+from ponder.models import DERIVED, DERIVED_TYPES, derive, derived_record, resolve_model  # noqa: E402
 
 SHIPPED = "q4_k_m"  # the format the bundled models ship in
-FORMATS = {"q8_0": llama.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama.LLAMA_FTYPE_MOSTLY_Q4_0}
 
 
 @llama.llama_log_callback
@@ -44,21 +43,14 @@ def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     pass
 
 
-def requantized(source: Path, name: str) -> tuple[Path, float]:
-    """``source`` re-encoded as ``name`` (made once), and the seconds it took (0 if it already existed)."""
-    target = source.with_name(f"{source.stem}-requant-{name}.gguf")
-    if target.exists():
-        return target, 0.0
-    params = llama.llama_model_quantize_default_params()
-    params.ftype = FORMATS[name]
-    params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
-    partial = target.with_suffix(".partial")
+def derived(model: str, name: str) -> tuple[Path, float]:
+    """``model`` re-encoded as ``name``: ponder's derived model (made once, as ``--model MODEL-NAME`` makes it), and
+    the seconds the making took (0 if it already existed)."""
+    derived_model = DERIVED[f"{model}-{name}"]
+    made_before = derived_record(derived_model) is not None
     started = time.perf_counter()
-    if llama.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"llama_model_quantize to {name} failed")
-    partial.rename(target)
-    return target, time.perf_counter() - started
+    path, _ = derive(derived_model)
+    return path, 0.0 if made_before else time.perf_counter() - started
 
 
 def speed(path: Path, *, n: int, steps: int, threads: int) -> float:
@@ -70,17 +62,17 @@ def speed(path: Path, *, n: int, steps: int, threads: int) -> float:
         llama.llama_model_free(model)
 
 
-def quality(model: str, formats: dict[str, Path], limit: int, out_dir: Path) -> dict[str, dict]:
+def quality(model: str, formats: list[str], limit: int, out_dir: Path) -> dict[str, dict]:
     """Greedy GSM8K dev runs through ``ponder bench`` (resumable files), then accuracy and agreement with the shipped
     format's answers. The shipped format runs under its bundled name, so its file is the same as any greedy run of
     the bundled model with these settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answers: dict[str, dict[str, tuple[str | None, bool]]] = {}
-    for name, path in formats.items():
-        out = out_dir / f"greedy-{name}.jsonl"
+    for name in formats:
+        out = out_dir / f"{model}-greedy-{name}.jsonl"
         subprocess.run([str(Path(sys.executable).with_name("ponder")), "bench", "--data", "gsm8k", "--limit", str(limit),
                         "--strategy", "greedy", "--max-tokens", "512", "--seed", "0",
-                        "--model", model if name == SHIPPED else str(path),
+                        "--model", model if name == SHIPPED else f"{model}-{name}",
                         "--out", str(out)], check=True)
         rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
         answers[name] = {row["id"]: (row.get("prediction"), bool(row.get("correct"))) for row in rows}
@@ -97,7 +89,7 @@ def quality(model: str, formats: dict[str, Path], limit: int, out_dir: Path) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-0.5b", help="a bundled model (its shipped Q4_K_M is the source)")
-    parser.add_argument("--formats", default="q8_0,q4_0", help=f"re-encodings to compare: {', '.join(FORMATS)}")
+    parser.add_argument("--formats", default="q8_0,q4_0", help=f"re-encodings to compare: {', '.join(DERIVED_TYPES)}")
     parser.add_argument("--batch", default="1,16", help="sequences decoding together, comma-separated (default 1,16)")
     parser.add_argument("--steps", type=int, default=200, help="decode steps, a multiple of 100 (default 200)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -106,9 +98,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     names = [name.strip() for name in args.formats.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FORMATS]
+    unknown = [name for name in names if name not in DERIVED_TYPES]
     if unknown:
-        parser.error(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+        parser.error(f"unknown format {unknown[0]!r}; choose from {', '.join(DERIVED_TYPES)}")
     batches = [int(n) for n in args.batch.split(",")]
     if args.steps % 100 or args.steps > 900 or not all(1 <= n <= 64 for n in batches):
         parser.error("need --steps a multiple of 100 up to 900 and batch sizes in 1..64")
@@ -120,7 +112,7 @@ def main() -> int:
     formats = {SHIPPED: shipped}
     made = {}
     for name in names:
-        formats[name], made[name] = requantized(shipped, name)
+        formats[name], made[name] = derived(args.model, name)
     sizes = {name: path.stat().st_size for name, path in formats.items()}
     rates = {name: {n: speed(path, n=n, steps=args.steps, threads=args.threads) for n in batches}
              for name, path in formats.items()}
@@ -137,7 +129,7 @@ def main() -> int:
               "megabytes": {k: v / 1e6 for k, v in sizes.items()}, "quantize_seconds": made,
               "tok_s": {name: {str(n): r for n, r in by_n.items()} for name, by_n in rates.items()}}
     if args.quality:
-        report["quality"] = quality(args.model, formats, args.quality, ROOT / "benchmarks" / "results" / "quant")
+        report["quality"] = quality(args.model, list(formats), args.quality, ROOT / "benchmarks" / "results" / "quant")
         print(f"greedy on GSM8K dev, first {args.quality}:")
         for name, figures in report["quality"].items():
             print(f"{name:>18s}  accuracy {figures['accuracy']:.1%}  same answer as shipped "

