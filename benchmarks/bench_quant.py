@@ -18,7 +18,6 @@ lost, it only changes the layout the CPU kernels read. The files are ponder's de
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -33,14 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_kv import mean_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
+from ponder.engine.llamacpp import quiet_llama_log  # noqa: E402
 from ponder.models import DERIVED, DERIVED_TYPES, derive, derived_record, resolve_model  # noqa: E402
 
 SHIPPED = "q4_k_m"  # the format the bundled models ship in
-
-
-@llama.llama_log_callback
-def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    pass
 
 
 def derived(model: str, name: str) -> tuple[Path, float]:
@@ -104,8 +99,7 @@ def main() -> int:
     batches = [int(n) for n in args.batch.split(",")]
     if args.steps % 100 or args.steps > 900 or not all(1 <= n <= 64 for n in batches):
         parser.error("need --steps a multiple of 100 up to 900 and batch sizes in 1..64")
-    if os.environ.get("PONDER_VERBOSE") is None:
-        llama.llama_log_set(_quiet, ctypes.c_void_p(0))  # llama.cpp logs every tensor it quantizes and KV copy
+    quiet_llama_log()  # llama.cpp logs every tensor it quantizes and KV copy (shown with PONDER_VERBOSE set)
 
     llama.llama_backend_init()
     shipped = Path(resolve_model(args.model).path)

@@ -128,14 +128,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             cache = f"{st.path} ({model.size / 1e6:.0f} MB, sha256 checked at assembly)"
         table.add_row(model.name, model.description, escape(parts), escape(cache))
     for derived in DERIVED.values():
-        record = derived_record(derived)
+        record, path = derived_record(derived), derived_path(derived)
         if record is None:
             cache = f"not made yet (happens on first use, a few seconds from {derived.source.name})"
         elif args.verify:
-            path = derived_path(derived)
             cache = f"{path} (sha256 {'ok' if file_sha256(path) == record['sha256'] else 'MISMATCH'})"
         else:
-            cache = f"{derived_path(derived)} ({record['size'] / 1e6:.0f} MB, sha256 recorded when made)"
+            cache = f"{path} ({record['size'] / 1e6:.0f} MB, sha256 recorded when made)"
         table.add_row(derived.name, derived.description, f"those of {derived.source.name}", escape(cache))
     Console(width=max(Console().width, 160)).print(table)
     return 0
