@@ -1,0 +1,133 @@
+"""How well a step search's scores rank right above wrong: the figures issue 11 asks for when a search misses.
+
+    python benchmarks/search_stats.py benchmarks/results/math100/particles8.jsonl [MORE.jsonl ...]
+
+Reads the search trees that ``ponder bench`` keeps for ``beam``, ``dvts``, ``particles`` and ``astar`` (each
+problem's ``details["tree"]``) and prints, per results file:
+
+* accuracy, and how often *some* finished solution in the tree was right (the most the pick could reach);
+* tokens per problem as each model spent them: the generator's sampled tokens, and the judge's -- the steps it read
+  (prompt tokens not taken from a cache) plus its scoring tokens. ``total`` adds all of them, the figure to hold
+  against SC's tokens;
+* the AUROC of the scores for "right": of the finished solutions' values (does the pick's ranking separate right
+  from wrong?), and of every scored step (is the step on a path to a right answer?). A scored node is labelled by
+  the finished solutions below it (itself included): right if one of them is right, wrong if all are wrong; nodes
+  with no finished solution below are left out. 0.5 is no separation, 1.0 perfect.
+
+It reads what a run recorded; it generates nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ponder.answers import equivalent, normalize  # noqa: E402
+from traces import auroc  # noqa: E402
+
+
+def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]], bool]:
+    """(value, right) of every finished solution, (score, on a right path) of every scored step, and whether any
+    finished solution was right."""
+    nodes = problem["details"]["tree"]["nodes"]
+    gold = normalize(problem["gold"])
+    children: dict[int | None, list[dict]] = {}
+    for node in nodes:
+        children.setdefault(node["parent"], []).append(node)
+    right = {node["id"]: equivalent(node["answer"], gold) for node in nodes if node["status"] == "finished"}
+
+    below: dict[int, list[bool]] = {}  # the right/wrong of the finished solutions in each node's subtree
+
+    def collect(node: dict) -> list[bool]:
+        outcomes = [right[node["id"]]] if node["id"] in right else []
+        for child in children.get(node["id"], []):
+            outcomes += collect(child)
+        below[node["id"]] = outcomes
+        return outcomes
+
+    for root in children.get(None, []):
+        collect(root)
+    finals = [(node["value"], right[node["id"]]) for node in nodes
+              if node["id"] in right and node["value"] is not None]
+    steps = [(node["score"], any(below[node["id"]])) for node in nodes
+             if node["score"] is not None and below.get(node["id"])]
+    return finals, steps, any(right.values())
+
+
+def per_problem_tokens(problem: dict, generator: str) -> dict[str, float]:
+    """The generator's sampled tokens and the other models' (the judge's) evaluated and scoring tokens."""
+    models = problem["usage"].get("models", {})
+    sampled = models.get(generator, {}).get("generated_tokens", problem["usage"]["generated_tokens"])
+    judge = sum(m.get("prompt_tokens", 0) + m.get("scored_tokens", 0) + m.get("generated_tokens", 0)
+                for name, m in models.items() if name != generator)
+    if not models:  # one model: it scores its own steps
+        judge = problem["usage"].get("scored_tokens", 0)
+    return {"generated": sampled, "judge": judge, "total": sampled + judge}
+
+
+def summarize(path: Path) -> dict:
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    problems = [json.loads(line) for line in lines[1:] if line.strip()]
+    problems = [p for p in problems if "details" in p and "tree" in (p["details"] or {})]
+    if not problems:
+        raise SystemExit(f"{path}: no search trees in this file (run beam, dvts, particles or astar)")
+    finals, steps, reachable = [], [], 0
+    tokens = {"generated": 0.0, "judge": 0.0, "total": 0.0}
+    for problem in problems:
+        f, s, any_right = problem_labels(problem)
+        finals += f
+        steps += s
+        reachable += any_right
+        for kind, n in per_problem_tokens(problem, header["model"]["name"]).items():
+            tokens[kind] += n / len(problems)
+    return {
+        "file": str(path), "strategy": header["strategy"], "config": header.get("config", {}),
+        "problems": len(problems),
+        "accuracy": sum(p["correct"] for p in problems) / len(problems),
+        "some_solution_right": reachable / len(problems),
+        "tokens_per_problem": {k: round(v, 1) for k, v in tokens.items()},
+        "auroc_final": auroc([v for v, _ in finals], [r for _, r in finals]),
+        "finals": len(finals),
+        "auroc_steps": auroc([v for v, _ in steps], [r for _, r in steps]),
+        "steps": len(steps),
+    }
+
+
+def show(stats: dict) -> None:
+    def fmt(x):
+        return "n/a (one class only)" if x is None else f"{x:.3f}"
+    t = stats["tokens_per_problem"]
+    print(f"{stats['file']}: {stats['strategy']} over {stats['problems']} problems")
+    print(f"  accuracy {stats['accuracy']:.1%}; some finished solution right {stats['some_solution_right']:.1%}")
+    print(f"  tokens per problem: generated {t['generated']:.0f}, judge {t['judge']:.0f}, total {t['total']:.0f}")
+    print(f"  AUROC of final values {fmt(stats['auroc_final'])} over {stats['finals']} solutions; "
+          f"of step scores {fmt(stats['auroc_steps'])} over {stats['steps']} steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="ponder bench results of a search strategy")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    for path in args.results:
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+    stats = [summarize(path) for path in args.results]
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for s in stats:
+            show(s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
