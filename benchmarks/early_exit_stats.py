@@ -13,7 +13,6 @@ present in both files count.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ponder.answers import equivalent, normalize  # noqa: E402
+from ponder.bench.runner import read_results  # noqa: E402
+from ponder.engine.base import PonderError  # noqa: E402
 
 
 PAIRED_CHARS = 100  # a shorter common start may be the shared opening words of two different traces
@@ -38,7 +39,7 @@ def full_trace(branch: dict, candidates: list[dict]) -> dict | None:
 
 
 def load(path: Path) -> dict[str, dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()[1:] if line.strip()]
+    _, rows = read_results(path)  # a run may still be appending to it
     return {row["id"]: row for row in rows if "branches" in row}
 
 
@@ -47,7 +48,10 @@ def main() -> int:
     parser.add_argument("base", type=Path)
     parser.add_argument("probed", type=Path)
     args = parser.parse_args()
-    base, probed = load(args.base), load(args.probed)
+    try:
+        base, probed = load(args.base), load(args.probed)
+    except PonderError as exc:
+        parser.error(str(exc))
     common = [i for i in base if i in probed]
     if not common:
         parser.error("the two files have no problem in common")

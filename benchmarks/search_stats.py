@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ponder.answers import equivalent, normalize  # noqa: E402
+from ponder.bench.runner import read_results  # noqa: E402
+from ponder.engine.base import PonderError  # noqa: E402
 from traces import auroc  # noqa: E402
 
 
@@ -72,10 +74,8 @@ def per_problem_tokens(problem: dict, generator: str) -> dict[str, float]:
 
 
 def summarize(path: Path) -> dict:
-    lines = path.read_text().splitlines()
-    header = json.loads(lines[0])
-    problems = [json.loads(line) for line in lines[1:] if line.strip()]
-    problems = [p for p in problems if "details" in p and "tree" in (p["details"] or {})]
+    header, problems = read_results(path)  # a run may still be appending to it
+    problems = [p for p in problems if "tree" in (p.get("details") or {})]
     if not problems:
         raise SystemExit(f"{path}: no search trees in this file (run beam, dvts, particles or astar)")
     finals, steps, reachable = [], [], 0
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="ponder bench results of a search strategy")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    for path in args.results:
-        if not path.is_file():
-            parser.error(f"no such file: {path}")
-    stats = [summarize(path) for path in args.results]
+    try:
+        stats = [summarize(path) for path in args.results]
+    except PonderError as exc:
+        parser.error(str(exc))
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

@@ -23,12 +23,16 @@ come from ``ponder bench``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ponder.bench.runner import read_results  # noqa: E402
+from ponder.engine.base import PonderError  # noqa: E402
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
@@ -83,10 +87,9 @@ def main() -> int:
     parser.add_argument("results", type=Path, help="a results file of a sampling run with logprobs")
     args = parser.parse_args()
     try:
-        lines = args.results.read_text().splitlines()
-        header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-    except (OSError, IndexError, json.JSONDecodeError) as exc:
-        sys.exit(f"{args.results}: not a readable ponder results file ({exc})")
+        header, records = read_results(args.results)
+    except PonderError as exc:
+        sys.exit(str(exc))
     answered = [b for r in records for b in r["branches"] if b["answer_class"] is not None]
     if not any(b.get("mean_logprob") is not None for b in answered):
         sys.exit(f"{args.results}: no branch has a mean logprob (run the benchmark with a strategy that records them)")

@@ -63,7 +63,7 @@ def test_a_tree_is_labelled_by_the_solutions_below_each_node(tmp_path):
 def test_a_file_without_trees_is_a_clear_error(tmp_path):
     search_stats = load_search_stats()
     path = tmp_path / "sc.jsonl"
-    path.write_text(json.dumps({"strategy": "sc", "model": {"name": "m"}}) + "\n"
+    path.write_text(json.dumps({"ponder_results": 1, "strategy": "sc", "model": {"name": "m"}}) + "\n"
                     + json.dumps({"gold": "1", "correct": True, "usage": {}, "details": {}}) + "\n")
     with pytest.raises(SystemExit, match="no search trees"):
         search_stats.summarize(path)
