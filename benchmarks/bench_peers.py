@@ -67,6 +67,12 @@ SYSTEMS = {
     "ponder-adaptive-local": ("local", "adaptive"),
     "ponder-bon-local": ("local", "bon"),
 }
+# method -> (the peers' systems, ponder's systems) that the issue's target compares.
+MATCHES = {
+    "self-consistency": (["optillm-sc", "optillm-majority", "its_hub-sc"],
+                         ["ponder-sc", "ponder-adaptive", "ponder-sc-local", "ponder-adaptive-local"]),
+    "best-of-n": (["optillm-bon", "its_hub-bon"], ["ponder-bon", "ponder-bon-local"]),
+}
 NOTES = {
     "optillm-sc": "optillm: always 5 samples at temperature 1, groups whole texts by string similarity",
     "optillm-bon": "optillm: samples at temperature 1, the model rates each 0-10 (rating tokens included)",
@@ -162,6 +168,8 @@ def read_results(out_dir: Path, system: str) -> tuple[dict | None, list[dict]]:
     if not path.exists():
         return None, []
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines:  # stopped before its header was written
+        return None, []
     return lines[0], lines[1:]
 
 
@@ -244,6 +252,7 @@ def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> s
             f"{mean(u['completion_tokens'] for u in upstream)} | {mean(reported_prompt(r) for r in rows)} | "
             f"{mean(r['reported'].get('completion_tokens') for r in rows)} | {mean(r['wall_s'] for r in rows)} | "
             f"{sum(bool(r['error']) for r in rows)} |")
+    lines += ["", *render_targets(out_dir, systems, wanted)]
     lines += ["", "In-process rows (`-local`) have no proxy: their counts are ponder's own usage (reported columns; "
               "ponder's reported prompt tokens include the tokens its verifier scored).",
               "A peer's final text is read as a finished one (its last number counts when it boxes none), since the "
@@ -251,6 +260,42 @@ def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> s
               *[f"- {system}: {note}" for system, note in NOTES.items() if system in systems],
               f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}", ""]
     return "\n".join(lines)
+
+
+def render_targets(out_dir: Path, systems: list[str], wanted: set[str]) -> list[str]:
+    """The issue's target, pair by pair: ponder's accuracy at least the peer's, at no more than half its wall time and
+    half its completion tokens, on the problems both have run."""
+    lines = ["Target per matching method: ponder's accuracy >= the peer's at <= 0.5x its wall time and <= 0.5x its "
+             "completion tokens (on the problems both ran).",
+             "",
+             "| ponder | peer | problems | accuracy, ponder - peer (points) | wall ratio | completion tok ratio | "
+             "target |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    results = {s: {r["id"]: r for r in read_results(out_dir, s)[1] if r["id"] in wanted} for s in systems}
+    for method, (peers, ours) in MATCHES.items():
+        for mine in (s for s in ours if results.get(s)):
+            for peer in (s for s in peers if results.get(s)):
+                common = sorted(results[mine].keys() & results[peer].keys())
+                if not common:
+                    continue
+                a = [results[mine][i] for i in common]
+                b = [results[peer][i] for i in common]
+                gain = 100 * (sum(r["correct"] for r in a) - sum(r["correct"] for r in b)) / len(common)
+                wall = sum(r["wall_s"] for r in a) / sum(r["wall_s"] for r in b)
+                tokens = sum(completion_tokens(r) for r in a) / max(1, sum(completion_tokens(r) for r in b))
+                misses = [what for what, missed in (("accuracy", gain < 0), ("wall", wall > 0.5),
+                                                    ("tokens", tokens > 0.5)) if missed]
+                verdict = "met" if not misses else "missed: " + ", ".join(misses)
+                lines.append(f"| {mine} | {peer} | {len(common)} | {gain:+.1f} | {wall:.2f} | {tokens:.2f} | "
+                             f"{verdict} |")
+    return lines
+
+
+def completion_tokens(row: dict) -> int:
+    """Completion tokens as the proxy counted them; an in-process run has no proxy, so its own usage."""
+    if row["upstream"]:
+        return row["upstream"]["completion_tokens"]
+    return row["reported"].get("completion_tokens") or 0
 
 
 def reported_prompt(row: dict) -> int | None:

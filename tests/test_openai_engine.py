@@ -476,3 +476,30 @@ def test_a_connection_lost_mid_stream_is_a_clear_error(scripted):
     with pytest.raises(RemoteUnavailableError, match=f"lost the connection to {served.url}/v1 during generation"):
         asyncio.run(run())
     assert engine.stats().live_branches == 0
+
+
+def test_questions_in_their_own_event_loops_close_their_connections_cleanly(scripted, caplog):
+    """``ponder.ask`` runs each question in a new event loop (``asyncio.run``). The connections a loop opened must be
+    closed in that loop: a client left behind is closed by the garbage collector from whatever loop runs then, which
+    fails on the dead loop's sockets and logs "Event loop is closed" tracebacks (seen between the questions of a
+    long remote run)."""
+    import gc
+
+    from ponder.strategies import get_strategy
+
+    _, served = scripted(honours_n=False)
+    engine = OpenAIEngine([served.url])
+
+    async def question(seed: int):
+        gc.collect()  # the previous loop's clients, if still held, are collected here, inside a running loop
+        await asyncio.sleep(0.05)
+        return await get_strategy("sc")(engine, "What is 2 + 2?", n=2, seed=seed)
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for seed in range(3):
+            assert asyncio.run(question(seed)).answer == "4"
+        engine.close()
+        asyncio.run(question(3))
+        gc.collect()
+    engine.close()
+    assert not [r for r in caplog.records if "Event loop is closed" in str(r.exc_info and r.exc_info[1])]

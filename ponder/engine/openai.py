@@ -120,6 +120,19 @@ class _LoopClients:
     clients: dict[str, openai.AsyncOpenAI]
     slots: dict[str, asyncio.Semaphore]
     probes: dict[str, asyncio.Task] = field(default_factory=dict)  # capability -> the probe of the servers
+    closer: asyncio.Task | None = None  # closes the clients when cancelled (see ``_close_when_cancelled``)
+
+
+async def _close_when_cancelled(clients: list[openai.AsyncOpenAI]) -> None:
+    """Wait until cancelled, then close ``clients`` in their own loop. ``asyncio.run`` cancels the tasks still
+    pending when its coroutine returns and lets them finish before it closes the loop, so a question run with
+    ``asyncio.run`` (``ponder.ask``) closes its connections there; a client left to the garbage collector would try
+    to close them later from another loop, and log "Event loop is closed" tracebacks."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for client in clients:
+            await client.close()
 
 
 class OpenAIEngine(Engine):
@@ -161,6 +174,8 @@ class OpenAIEngine(Engine):
                                                    max_retries=0) for s in self._servers},  # see _request
                 slots={s.url: asyncio.Semaphore(self._max_concurrency) for s in self._servers},
             )
+            self._loop_clients.closer = loop.create_task(
+                _close_when_cancelled(list(self._loop_clients.clients.values())))
         return self._loop_clients
 
     # ---- the Branch API ------------------------------------------------------------------------------------------
@@ -306,11 +321,9 @@ class OpenAIEngine(Engine):
         state, self._loop_clients = self._loop_clients, None
         if state is None or state.loop.is_closed():
             return
-        for client in state.clients.values():
-            if state.loop.is_running():
-                state.loop.create_task(client.close())
-            else:
-                state.loop.run_until_complete(client.close())
+        state.closer.cancel()
+        if not state.loop.is_running():
+            state.loop.run_until_complete(asyncio.gather(state.closer, return_exceptions=True))
 
     # ---- requests ------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""bench_peers' verdict on the issue's target: ponder against each peer of the same method, on the problems both ran,
+with completion tokens from the proxy (or ponder's own usage for an in-process run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_peers import render_targets  # noqa: E402
+
+
+def write(out_dir: Path, system: str, rows: list[dict]) -> None:
+    lines = [{"system": system, "config": {}, "versions": {}}, *rows]
+    (out_dir / f"{system}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def row(problem: str, correct: bool, wall_s: float, completion: int, *, local: bool = False) -> dict:
+    upstream = None if local else {"requests": 5, "prompt_tokens": 100, "completion_tokens": completion}
+    reported = {"completion_tokens": completion if local else 0}
+    return {"id": problem, "correct": correct, "wall_s": wall_s, "upstream": upstream, "reported": reported,
+            "error": None}
+
+
+def target_rows(lines: list[str]) -> dict[tuple[str, str], list[str]]:
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ponder-")]
+    return {(c[0], c[1]): c[2:] for c in cells}
+
+
+def test_a_faster_cheaper_equally_right_ponder_meets_the_target(tmp_path):
+    write(tmp_path, "optillm-sc", [row("a", True, 40, 1000), row("b", False, 40, 1000)])
+    write(tmp_path, "ponder-sc-local", [row("a", True, 10, 400, local=True), row("b", False, 10, 400, local=True)])
+    table = target_rows(render_targets(tmp_path, ["optillm-sc", "ponder-sc-local"], {"a", "b"}))
+    assert table[("ponder-sc-local", "optillm-sc")] == ["2", "+0.0", "0.25", "0.40", "met"]
+
+
+def test_misses_are_named_and_only_shared_problems_count(tmp_path):
+    write(tmp_path, "its_hub-sc", [row("a", True, 40, 1000), row("b", True, 40, 1000)])
+    # ponder ran one more problem than the peer: it must not enter the comparison.
+    write(tmp_path, "ponder-sc", [row("a", False, 40, 1000), row("b", True, 30, 500), row("c", True, 1, 1)])
+    table = target_rows(render_targets(tmp_path, ["its_hub-sc", "ponder-sc"], {"a", "b", "c"}))
+    assert table[("ponder-sc", "its_hub-sc")] == ["2", "-50.0", "0.88", "0.75", "missed: accuracy, wall, tokens"]
+
+
+def test_different_methods_are_not_compared(tmp_path):
+    write(tmp_path, "optillm-bon", [row("a", True, 40, 1000)])
+    write(tmp_path, "ponder-sc", [row("a", True, 1, 1)])
+    assert target_rows(render_targets(tmp_path, ["optillm-bon", "ponder-sc"], {"a"})) == {}
