@@ -119,8 +119,8 @@ class _LoopClients:
     loop: asyncio.AbstractEventLoop
     clients: dict[str, openai.AsyncOpenAI]
     slots: dict[str, asyncio.Semaphore]
+    closer: asyncio.Task  # closes the clients when cancelled (see ``_close_when_cancelled``)
     probes: dict[str, asyncio.Task] = field(default_factory=dict)  # capability -> the probe of the servers
-    closer: asyncio.Task | None = None  # closes the clients when cancelled (see ``_close_when_cancelled``)
 
 
 async def _close_when_cancelled(clients: list[openai.AsyncOpenAI]) -> None:
@@ -168,14 +168,13 @@ class OpenAIEngine(Engine):
     def _clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
         if self._loop_clients is None or self._loop_clients.loop is not loop:
+            clients = {s.url: openai.AsyncOpenAI(base_url=s.url, api_key=self._api_key, timeout=self._timeout,
+                                                 max_retries=0) for s in self._servers}  # see _request
             self._loop_clients = _LoopClients(
-                loop=loop,
-                clients={s.url: openai.AsyncOpenAI(base_url=s.url, api_key=self._api_key, timeout=self._timeout,
-                                                   max_retries=0) for s in self._servers},  # see _request
+                loop=loop, clients=clients,
                 slots={s.url: asyncio.Semaphore(self._max_concurrency) for s in self._servers},
+                closer=loop.create_task(_close_when_cancelled(list(clients.values()))),
             )
-            self._loop_clients.closer = loop.create_task(
-                _close_when_cancelled(list(self._loop_clients.clients.values())))
         return self._loop_clients
 
     # ---- the Branch API ------------------------------------------------------------------------------------------
