@@ -219,6 +219,25 @@ def test_labels_show_the_options_a_run_set_and_defaults_for_the_rest(results, tm
     assert [run.label for run in runs] == ["sc n=4 weighting=logprob", "sc n=4 weighting=majority"]
 
 
+def test_runs_of_different_models_name_their_model_unless_the_strategy_uses_two(results, tmp_path):
+    def as_model(path: Path, model: str, strategy: str | None = None) -> Path:
+        header, records = read_results(path)
+        header["model"]["name"] = model
+        if strategy:  # a two-model strategy's defaults include its small and large models
+            header["strategy"] = strategy
+        out = tmp_path / f"{model}-{strategy or header['strategy']}.jsonl"
+        out.write_text("".join(json.dumps(line) + "\n" for line in [header, *records]))
+        return out
+
+    large = as_model(results["greedy"], "qwen2.5-1.5b")
+    small = as_model(results["sc4"], "qwen2.5-0.5b")
+    two = as_model(results["greedy"], "qwen2.5-0.5b", strategy="specreason")
+    runs, _ = load_runs([large, small, two])
+    assert [run.label for run in runs] == ["greedy model=qwen2.5-1.5b", "sc n=4 model=qwen2.5-0.5b", "specreason"]
+    runs, _ = load_runs([results["sc4"], results["sc6"]])  # one model: not named
+    assert not any("model=" in run.label for run in runs)
+
+
 def test_runs_asked_with_different_prompts_are_flagged(results, tmp_path):
     terse = MathPrompt("You are terse.")
     other = bench(tmp_path / "terse.jsonl", BenchConfig("sc", 4, SamplingParams(), prompt=terse),

@@ -84,9 +84,10 @@ def load_runs(paths: Sequence[str | Path], common: bool = False) -> tuple[list[R
 
 def _label(runs: list[Run]) -> None:
     """Name each run by its strategy, n, the settings that differ from other runs of the same strategy, the options
-    it set, and its prompt when the runs were not all asked with the same one."""
+    it set, and its model and prompt when the runs were not all made with the same one."""
     settings = {id(run): _settings(run) for run in runs}
     prompts_differ = len({run_prompt(run.header) for run in runs}) > 1
+    models_differ = len({run.header["model"]["name"] for run in runs}) > 1
     for run in runs:
         peers = [settings[id(other)] for other in runs if other.header["strategy"] == run.header["strategy"]]
         varying = sorted({key for s in peers for key in s if any(p.get(key) != s.get(key) for p in peers)})
@@ -96,6 +97,10 @@ def _label(runs: list[Run]) -> None:
         # The settings that tell it from its peers, and the strategy options it was given (keep=10 makes DeepConf-low).
         shown = varying + sorted(set(run.header["config"]["options"]) - set(varying))
         parts += [f"{key}={settings[id(run)].get(key)}" for key in shown]
+        # Runs of several models side by side: a one-model run says which (a two-model strategy's small and large
+        # options name both; its header's model is only the first).
+        if models_differ and "model" not in shown and "large" not in settings[id(run)]:
+            parts.append(f"model={settings[id(run)]['model']}")
         if prompts_differ:
             parts.append(f"prompt={prompt_tag(run_prompt(run.header))}")
         if run.header.get("replay"):
