@@ -19,8 +19,6 @@ It reads what a run recorded; it generates nothing.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ponder.answers import equivalent, normalize  # noqa: E402
 from ponder.bench.runner import read_results  # noqa: E402
-from ponder.engine.base import PonderError  # noqa: E402
-from traces import auroc  # noqa: E402
+from traces import auroc, summaries_main  # noqa: E402
 
 
 def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]], bool]:
@@ -112,21 +109,7 @@ def show(stats: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="ponder bench results of a search strategy")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    try:
-        stats = [summarize(path) for path in args.results]
-    except PonderError as exc:
-        parser.error(str(exc))
-    if args.json:
-        print(json.dumps(stats, indent=2))
-    else:
-        for s in stats:
-            show(s)
-    return 0
+    return summaries_main(argv, doc=__doc__, what="ponder bench results of a search strategy", summarize=summarize, show=show)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ It reads what a run recorded; it generates nothing.
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import sys
 from pathlib import Path
 
@@ -29,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ponder.bench.runner import read_results  # noqa: E402
-from ponder.engine.base import PonderError  # noqa: E402
 from ponder.strategies import specreason  # noqa: E402
-from traces import auroc  # noqa: E402
+from traces import auroc, summaries_main  # noqa: E402
 
 THRESHOLDS = (5.5, 6.0, 6.2, 6.4, 6.6, 7.0)
 AGGREGATES = {"lowest": min, "mean": lambda s: float(np.mean(s)), "last": lambda s: s[-1]}
@@ -82,21 +79,7 @@ def show(stats: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="ponder bench results of specreason runs")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    try:
-        stats = [summarize(path) for path in args.results]
-    except PonderError as exc:
-        parser.error(str(exc))
-    if args.json:
-        print(json.dumps(stats, indent=2))
-    else:
-        for s in stats:
-            show(s)
-    return 0
+    return summaries_main(argv, doc=__doc__, what="ponder bench results of specreason runs", summarize=summarize, show=show)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ come from ``ponder bench``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -43,6 +44,26 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
         return None
     above = (right[:, None] > wrong[None, :]).sum() + 0.5 * (right[:, None] == wrong[None, :]).sum()
     return float(above / (len(right) * len(wrong)))
+
+
+def summaries_main(argv: list[str] | None, *, doc: str, what: str, summarize, show) -> int:
+    """The command line the per-file analyses share (``search_stats.py``, ``specreason_stats.py``): results files in,
+    ``summarize(path)`` of each, printed by ``show`` or as JSON."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help=what)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    try:
+        stats = [summarize(path) for path in args.results]
+    except PonderError as exc:
+        parser.error(str(exc))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for s in stats:
+            show(s)
+    return 0
 
 
 def revote(record: dict, weigh=lambda b: 1.0, keep: float = 1.0) -> bool:

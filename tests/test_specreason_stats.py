@@ -3,22 +3,14 @@ hand-written results file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_specreason_stats():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("specreason_stats", REPO / "benchmarks" / "specreason_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its sibling ``traces`` too
+import specreason_stats as stats_module  # noqa: E402
 
 
 def problem(correct: bool, scores: list[float], threshold: float, wall_s: float) -> dict:
@@ -37,7 +29,6 @@ def write_results(path: Path, problems: list[dict], options: dict) -> Path:
 
 
 def test_a_run_reports_acceptance_threshold_shares_auroc_and_tokens_per_model(tmp_path):
-    stats_module = load_specreason_stats()
     path = write_results(tmp_path / "spec.jsonl", [
         problem(True, [6.5, 6.0], 6.3, 10.0),   # lowest 6.0, mean 6.25, last 6.0
         problem(False, [5.5, 7.0], 6.3, 20.0),  # lowest 5.5, mean 6.25, last 7.0
@@ -56,7 +47,6 @@ def test_a_run_reports_acceptance_threshold_shares_auroc_and_tokens_per_model(tm
 
 
 def test_the_threshold_defaults_to_the_strategys_and_other_runs_are_refused(tmp_path):
-    stats_module = load_specreason_stats()
     path = write_results(tmp_path / "spec.jsonl", [problem(True, [6.0], 7.0, 1.0)], {})
     assert stats_module.summarize(path)["threshold"] == 7.0
     other = tmp_path / "sc.jsonl"
