@@ -109,7 +109,8 @@ def show(stats: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return summaries_main(argv, doc=__doc__, what="ponder bench results of a search strategy", summarize=summarize, show=show)
+    return summaries_main(argv, doc=__doc__, summarize=summarize, show=show,
+                          what="ponder bench results of a search strategy")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def show(stats: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return summaries_main(argv, doc=__doc__, what="ponder bench results of specreason runs", summarize=summarize, show=show)
+    return summaries_main(argv, doc=__doc__, summarize=summarize, show=show,
+                          what="ponder bench results of specreason runs")
 
 
 if __name__ == "__main__":
