@@ -230,13 +230,14 @@ def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> s
              "completion tok / problem | reported prompt tok / problem | reported completion tok / problem | "
              "wall s / problem | errors |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    versions = {}
+    versions, results = {}, {}
     for system in systems:
         header, rows = read_results(out_dir, system)
         rows = [r for r in rows if r["id"] in wanted]
         if not rows:
             continue
         versions.update(header["versions"])
+        results[system] = {r["id"]: r for r in rows}
         count = len(rows)
         solved = sum(r["correct"] for r in rows)
         low, high = wilson_interval(solved, count)
@@ -252,7 +253,7 @@ def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> s
             f"{mean(u['completion_tokens'] for u in upstream)} | {mean(reported_prompt(r) for r in rows)} | "
             f"{mean(r['reported'].get('completion_tokens') for r in rows)} | {mean(r['wall_s'] for r in rows)} | "
             f"{sum(bool(r['error']) for r in rows)} |")
-    lines += ["", *render_targets(out_dir, systems, wanted)]
+    lines += ["", *render_targets(results)]
     lines += ["", "In-process rows (`-local`) have no proxy: their counts are ponder's own usage (reported columns; "
               "ponder's reported prompt tokens include the tokens its verifier scored).",
               "A peer's final text is read as a finished one (its last number counts when it boxes none), since the "
@@ -262,16 +263,15 @@ def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> s
     return "\n".join(lines)
 
 
-def render_targets(out_dir: Path, systems: list[str], wanted: set[str]) -> list[str]:
+def render_targets(results: dict[str, dict[str, dict]]) -> list[str]:
     """The issue's target, pair by pair: ponder's accuracy at least the peer's, at no more than half its wall time and
-    half its completion tokens, on the problems both have run."""
+    half its completion tokens, on the problems both have run. ``results``: each system's rows by problem id."""
     lines = ["Target per matching method: ponder's accuracy >= the peer's at <= 0.5x its wall time and <= 0.5x its "
              "completion tokens (on the problems both ran).",
              "",
              "| ponder | peer | problems | accuracy, ponder - peer (points) | wall ratio | completion tok ratio | "
              "target |",
              "|---|---|---:|---:|---:|---:|---|"]
-    results = {s: {r["id"]: r for r in read_results(out_dir, s)[1] if r["id"] in wanted} for s in systems}
     for method, (peers, ours) in MATCHES.items():
         for mine in (s for s in ours if results.get(s)):
             for peer in (s for s in peers if results.get(s)):

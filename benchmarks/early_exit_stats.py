@@ -1,13 +1,17 @@
 """What early exit did in a run, against the same run without it: the figures issue 15 asks for.
 
-    python benchmarks/early_exit_stats.py BASE.jsonl PROBED.jsonl
+    python benchmarks/early_exit_stats.py BASE.jsonl [PROBED.jsonl]
 
-Both files are ``ponder bench`` results of one strategy and seed, PROBED with ``--option early_exit=...``. With one
+BASE alone: how much any answer probe could save on its traces (the headroom). Both files are ``ponder bench`` results of one strategy and seed, PROBED with ``--option early_exit=...``. With one
 seed, each branch of the probed run writes a prefix of one branch of the base run (on the in-process engine, up to
 the numerics of another batch shape; results list branches in finishing order, so they are paired by their longest
 common text, at least ``PAIRED_CHARS`` characters). Each exited branch is then compared with its own full trace: how
 many tokens the exit saved, and whether the probed answer is the answer the full trace reached. Only problems
 present in both files count.
+
+The headroom: a probe that stops a branch only once its answer is computed can save at most the text that follows
+the first place the trace states its final answer. Its share of all answered traces' text bounds what any probe rule
+(window, spacing, convergence test) saves on this model and data, before the probes' own cost.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ponder.answers import equivalent, normalize  # noqa: E402
+import re  # noqa: E402
+
+from ponder.answers import NUMBER, equivalent, normalize  # noqa: E402
 from ponder.bench.runner import read_results  # noqa: E402
 from ponder.engine.base import PonderError  # noqa: E402
 
@@ -38,6 +44,32 @@ def full_trace(branch: dict, candidates: list[dict]) -> dict | None:
     return best if best is not None and common_chars(branch["text"], best["text"]) >= PAIRED_CHARS else None
 
 
+def first_statement_end(text: str, answer: str) -> int | None:
+    """Where the trace first states ``answer`` (as an equivalent number, else verbatim): the end offset, if anywhere."""
+    for match in re.finditer(NUMBER, text):
+        number = normalize(match.group())
+        if number is not None and equivalent(number, answer):
+            return match.end()
+    at = text.find(answer)
+    return at + len(answer) if at >= 0 else None
+
+
+def headroom(rows: dict[str, dict]) -> tuple[float, int, int]:
+    """The share of answered traces' text after their answer's first statement; (share, stating, answered)."""
+    after, total, stating, answered = 0, 0, 0, 0
+    for row in rows.values():
+        for branch in row["branches"]:
+            if branch.get("answer") is None or not branch.get("text"):
+                continue
+            answered += 1
+            end = first_statement_end(branch["text"], branch["answer"])
+            total += len(branch["text"])
+            if end is not None:
+                stating += 1
+                after += len(branch["text"]) - end
+    return (after / total if total else 0.0), stating, answered
+
+
 def load(path: Path) -> dict[str, dict]:
     _, rows = read_results(path)  # a run may still be appending to it
     return {row["id"]: row for row in rows if "branches" in row}
@@ -46,12 +78,20 @@ def load(path: Path) -> dict[str, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", type=Path)
-    parser.add_argument("probed", type=Path)
+    parser.add_argument("probed", type=Path, nargs="?")
     args = parser.parse_args()
     try:
-        base, probed = load(args.base), load(args.probed)
+        base = load(args.base)
+        probed = load(args.probed) if args.probed else None
     except PonderError as exc:
         parser.error(str(exc))
+    if not base:
+        parser.error(f"{args.base}: no finished problem")
+    share, stating, answered = headroom(base)
+    print(f"headroom in {args.base.name} ({len(base)} problems): {share:.0%} of the answered traces' text follows "
+          f"the first statement of their answer ({stating} of {answered} answered branches state it)")
+    if probed is None:
+        return 0
     common = [i for i in base if i in probed]
     if not common:
         parser.error("the two files have no problem in common")

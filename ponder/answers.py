@@ -21,7 +21,8 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # around a reasoning model's thinking
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+# A number as traces write it (signs, thousands separators, decimals); the last one is the fallback answer.
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
 _HASHES = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
@@ -62,7 +63,7 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
         matches = pattern.findall(text)
         if matches:
             return normalize(matches[-1])
-    numbers = re.findall(_NUMBER, text) if last_number else []
+    numbers = re.findall(NUMBER, text) if last_number else []
     return normalize(numbers[-1]) if numbers else None
 
 

@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_peers import render_targets  # noqa: E402
+from benchmarks.bench_peers import render_table, render_targets  # noqa: E402
 
 
 def write(out_dir: Path, system: str, rows: list[dict]) -> None:
-    lines = [{"system": system, "config": {}, "versions": {}}, *rows]
+    lines = [{"system": system, "config": {}, "versions": {system.split("-")[0]: "1.0"}}, *rows]
     (out_dir / f"{system}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def by_id(*rows: dict) -> dict[str, dict]:
+    return {r["id"]: r for r in rows}
 
 
 def row(problem: str, correct: bool, wall_s: float, completion: int, *, local: bool = False) -> dict:
@@ -31,19 +36,21 @@ def target_rows(lines: list[str]) -> dict[tuple[str, str], list[str]]:
 def test_a_faster_cheaper_equally_right_ponder_meets_the_target(tmp_path):
     write(tmp_path, "optillm-sc", [row("a", True, 40, 1000), row("b", False, 40, 1000)])
     write(tmp_path, "ponder-sc-local", [row("a", True, 10, 400, local=True), row("b", False, 10, 400, local=True)])
-    table = target_rows(render_targets(tmp_path, ["optillm-sc", "ponder-sc-local"], {"a", "b"}))
-    assert table[("ponder-sc-local", "optillm-sc")] == ["2", "+0.0", "0.25", "0.40", "met"]
+    problems = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    config = {"data": "gsm8k", "n": 4, "temperature": 0.7, "max_tokens": 512, "sampler": "default"}
+    table = render_table(tmp_path, ["optillm-sc", "ponder-sc-local"], config, problems)  # read from the files
+    assert "| optillm-sc | 1/2 | 50.0%" in table and "versions: optillm 1.0, ponder 1.0" in table
+    assert target_rows(table.splitlines())[("ponder-sc-local", "optillm-sc")] == ["2", "+0.0", "0.25", "0.40", "met"]
 
 
-def test_misses_are_named_and_only_shared_problems_count(tmp_path):
-    write(tmp_path, "its_hub-sc", [row("a", True, 40, 1000), row("b", True, 40, 1000)])
+def test_misses_are_named_and_only_shared_problems_count():
     # ponder ran one more problem than the peer: it must not enter the comparison.
-    write(tmp_path, "ponder-sc", [row("a", False, 40, 1000), row("b", True, 30, 500), row("c", True, 1, 1)])
-    table = target_rows(render_targets(tmp_path, ["its_hub-sc", "ponder-sc"], {"a", "b", "c"}))
+    table = target_rows(render_targets({
+        "its_hub-sc": by_id(row("a", True, 40, 1000), row("b", True, 40, 1000)),
+        "ponder-sc": by_id(row("a", False, 40, 1000), row("b", True, 30, 500), row("c", True, 1, 1))}))
     assert table[("ponder-sc", "its_hub-sc")] == ["2", "-50.0", "0.88", "0.75", "missed: accuracy, wall, tokens"]
 
 
-def test_different_methods_are_not_compared(tmp_path):
-    write(tmp_path, "optillm-bon", [row("a", True, 40, 1000)])
-    write(tmp_path, "ponder-sc", [row("a", True, 1, 1)])
-    assert target_rows(render_targets(tmp_path, ["optillm-bon", "ponder-sc"], {"a"})) == {}
+def test_different_methods_are_not_compared():
+    results = {"optillm-bon": by_id(row("a", True, 40, 1000)), "ponder-sc": by_id(row("a", True, 1, 1))}
+    assert target_rows(render_targets(results)) == {}
