@@ -2,10 +2,11 @@
 
     python benchmarks/early_exit_stats.py BASE.jsonl [PROBED.jsonl]
 
-BASE alone: how much any answer probe could save on its traces (the headroom). Both files are ``ponder bench`` results of one strategy and seed, PROBED with ``--option early_exit=...``. With one
-seed, each branch of the probed run writes a prefix of one branch of the base run (on the in-process engine, up to
-the numerics of another batch shape; results list branches in finishing order, so they are paired by their longest
-common text, at least ``PAIRED_CHARS`` characters). Each exited branch is then compared with its own full trace: how
+BASE alone: how much any answer probe could save on its traces (the headroom). Both files are ``ponder bench``
+results of one strategy and seed, PROBED with ``--option early_exit=...``. With one seed, each branch of the probed
+run writes a prefix of one branch of the base run (on the in-process engine, up to the numerics of another batch
+shape; results list branches in finishing order, so they are paired by their longest common text, at least
+``PAIRED_CHARS`` characters). Each exited branch is then compared with its own full trace: how
 many tokens the exit saved, and whether the probed answer is the answer the full trace reached. Only problems
 present in both files count.
 
@@ -17,14 +18,13 @@ the first place the trace states its final answer. Its share of all answered tra
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import re  # noqa: E402
 
 from ponder.answers import NUMBER, equivalent, normalize  # noqa: E402
 from ponder.bench.runner import read_results  # noqa: E402
