@@ -31,7 +31,8 @@ class ScriptedCompletions:
     """An OpenAI-compatible app whose ``/v1/completions`` plays ``words`` (one chunk per word when streaming), with
     ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks
     (with ``alternatives`` among each token's top logprobs), after ``delay`` seconds, failing the next ``failures``
-    calls with ``failure_status`` first, or breaking the connection after ``break_after`` words. Its prompts have one token per whitespace-separated word; like vLLM, its
+    calls with ``failure_status`` first, or breaking the connection after ``break_after`` words. A request sent whole
+    gets the same words in one completion. Its prompts have one token per whitespace-separated word; like vLLM, its
     usage counts the end-of-sequence token, which streams no text."""
 
     def __init__(self, honours_n: bool = False, honours_logprobs: bool = False):
@@ -62,16 +63,18 @@ class ScriptedCompletions:
             if body.get("stream"):
                 return StreamingResponse(self._stream(n, body["max_tokens"], logprobs),
                                          media_type="text/event-stream")
-            return self._completion([self._choice(i, "x", "length", logprobs) for i in range(n)],
-                                    usage=(len(body["prompt"].split()), n))
+            words = self.words[: body["max_tokens"]]  # sent whole: the words it would have streamed
+            finish = "length" if len(self.words) >= body["max_tokens"] else "stop"
+            return self._completion([self._choice(i, words, finish, logprobs) for i in range(n)],
+                                    usage=(len(body["prompt"].split()), n * (len(words) + (finish == "stop"))))
 
     @property
     def hits(self) -> int:
         return len(self.bodies)
 
-    def _choice(self, index: int, text: str, finish_reason: str | None, logprobs: bool) -> dict:
-        tokens = [text] if text else []
-        return {"index": index, "text": text, "finish_reason": finish_reason,
+    def _choice(self, index: int, text: str | list[str], finish_reason: str | None, logprobs: bool) -> dict:
+        tokens = text if isinstance(text, list) else [text] if text else []
+        return {"index": index, "text": "".join(tokens), "finish_reason": finish_reason,
                 "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
                              "top_logprobs": [{t: -0.25, **self.alternatives} for t in tokens],
                              "text_offset": [0] * len(tokens)}
@@ -205,10 +208,16 @@ def test_append_counts_what_the_server_counts_beyond_the_context(scripted):
     async def run():
         usage = Usage()
         root = await engine.open("Q: 2+2? A:", usage)  # 3 tokens (one per word)
+        sent = len(backend.bodies)
         await root.append(" Let us think.")  # the prefix now has 6
-        (child,) = await root.fork(1)
-        await child.extend(SamplingParams(max_tokens=10))
+        assert len(backend.bodies) == sent and root.appended_tokens == 0  # an append sends nothing by itself
+        (child,) = await root.fork(1)  # counts it first, once, so the child shares it
+        await child.extend(SamplingParams(max_tokens=64))  # streamed
         await child.append(" Check:")
+        await child.extend(SamplingParams(max_tokens=1))  # sent whole: its usage counts the append
+        (unsent,) = await child.fork(1)
+        await unsent.append(" never sent")
+        unsent.release()
         return root, child, usage
 
     backend.bodies = []
@@ -218,13 +227,16 @@ def test_append_counts_what_the_server_counts_beyond_the_context(scripted):
     assert root.context_tokens == 6
     streamed = [body for body in backend.bodies if body.get("stream")]
     assert streamed[0]["prompt"] == "Q: 2+2? A: Let us think."  # generation continues after the appended text
-    assert child.text == " Let us think.The answer is 4. Check:"
+    assert len(backend.bodies) == 4  # open, the fork's count, the stream, the whole extend
+    assert backend.bodies[3]["prompt"] == "Q: 2+2? A: Let us think.The answer is 4. Check:"
+    assert child.text == " Let us think.The answer is 4. Check:The"
     # The server counts 10 words in the last prefix, the child held 6 + 5 generated tokens = 11 ("think." and "The"
     # retokenize as one word): text that retokenizes shorter than it was sampled adds 0 tokens, never fewer.
-    assert child.appended_tokens == 3 and child.context_tokens == 11
-    # 3 + 3 appended prompt tokens; open, the two appends and the stream's end token each generated one.
-    assert usage.prompt_tokens == 6 and usage.generated_tokens == 5 + 4
-    assert usage.models == {"scripted": {"prompt_tokens": 6, "generated_tokens": 9, "prompt_tokens_shared": 6}}
+    assert child.appended_tokens == 3 and child.context_tokens == 12
+    # 3 appended prompt tokens (the second append counted 0, the unsent one nothing); open and the fork's count each
+    # generated one token, the stream 5 and its end token, the whole extend 1.
+    assert usage.prompt_tokens == 6 and usage.generated_tokens == 1 + 1 + 6 + 1
+    assert usage.models == {"scripted": {"prompt_tokens": 6, "generated_tokens": 9, "prompt_tokens_shared": 6 + 12}}
     with pytest.raises(PonderError, match="cannot append to a released branch"):
         root.release()
         asyncio.run(root.append("more"))
@@ -284,7 +296,7 @@ def test_requests_go_to_the_least_loaded_server_and_skip_one_that_is_down(script
         asyncio.run(opens(1))
 
 
-async def three_siblings(engine: OpenAIEngine, stop_if=None, params=SamplingParams(max_tokens=10)):
+async def three_siblings(engine: OpenAIEngine, stop_if=None, params=SamplingParams(max_tokens=64)):
     usage = Usage()
     root = await engine.open("Q: 2+2? A:", usage)
     branches = await root.fork(3)
@@ -368,7 +380,7 @@ def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
     async def extend_with_logprobs():
         root = await engine.open("Q: 2+2? A:")
         try:
-            await root.extend(SamplingParams(max_tokens=10, logprobs=True))
+            await root.extend(SamplingParams(max_tokens=64, logprobs=True))
         finally:
             root.release()
 
@@ -405,8 +417,9 @@ def test_bon_self_verifies_by_one_generated_token_where_the_server_has_no_echo_l
     assert engine._servers[0].supports_echo_logprobs is False
     assert len([body for body in backend.bodies if body.get("echo")]) == 1  # probed once, then never asked again
     asked = [body for body in backend.bodies if body["prompt"].endswith(SELF_CHECK)]
-    verdicts = [body for body in asked if body.get("stream")]  # the others append the question (and count it)
-    assert len(asked) == 4 and len(verdicts) == 2
+    assert len(asked) == 2  # the verdicts, sent whole: their usage counts the appended question
+    verdicts = [body for body in asked if not body.get("stream")]
+    assert len(verdicts) == 2
     assert all(body["max_tokens"] == 1 and body["temperature"] == 0.0 and body["logprobs"] == 20 for body in verdicts)
     assert result.answer == "4" and result.votes == {"4": pytest.approx(0.75)}  # 0.6 / (0.6 + 0.2)
     assert result.usage.scored_tokens == 0
@@ -419,7 +432,7 @@ def test_a_branch_released_while_its_logprobs_are_probed_ends_cancelled(scripted
     async def run():
         root = await engine.open("Q: 2+2? A:")
         backend.delay = 0.3
-        extending = asyncio.ensure_future(root.extend(SamplingParams(max_tokens=10, logprobs=True)))
+        extending = asyncio.ensure_future(root.extend(SamplingParams(max_tokens=64, logprobs=True)))
         while not any(body.get("logprobs") for body in backend.bodies):
             await asyncio.sleep(0.01)
         root.release()  # the probe is still waiting for its answer
@@ -434,7 +447,7 @@ def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(sc
     backend, served = scripted(honours_n=True, honours_logprobs=True)
     engine = OpenAIEngine([served.url])
     backend.bodies = []
-    branches, _ = asyncio.run(three_siblings(engine, params=SamplingParams(max_tokens=10, logprobs=True)))
+    branches, _ = asyncio.run(three_siblings(engine, params=SamplingParams(max_tokens=64, logprobs=True)))
     probes = [body for body in backend.bodies if body.get("logprobs") and not body.get("stream")]
     streamed = [body for body in backend.bodies if body.get("stream")]
     assert len(probes) == 1 and engine._servers[0].supports_logprobs
@@ -468,7 +481,7 @@ def test_a_connection_lost_mid_stream_is_a_clear_error(scripted):
         root = await engine.open("Q: 2+2? A:")
         (branch,) = await root.fork(1)
         try:
-            await branch.extend(SamplingParams(max_tokens=10))
+            await branch.extend(SamplingParams(max_tokens=64))
         finally:
             root.release()
             branch.release()

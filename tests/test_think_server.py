@@ -44,19 +44,24 @@ class ThinkingCompletions:
             body = await request.json()
             self.bodies.append(body)
             prompt = body["prompt"]
-            if not body.get("stream"):  # open, append and capability probes: one token
+            if body["max_tokens"] == 1 and not body.get("stream"):  # open, append counts and capability probes
                 return _completion([{"index": 0, "text": "x", "finish_reason": "length"}],
                                    usage=(len(prompt.split()), 1))
             if prompt.endswith(PROBE):
                 pieces = self.probe_reply
             else:
                 pieces = self.trace[self.positions[prompt.split("<think>\n", 1)[1]]:]
+            if not body.get("stream"):  # a short plain extend, sent whole
+                sent = pieces[: body["max_tokens"]]
+                finish = "length" if len(pieces) > body["max_tokens"] else "stop"
+                return _completion([{"index": 0, "text": "".join(sent), "finish_reason": finish}],
+                                   usage=(len(prompt.split()), len(sent)))
             return StreamingResponse(self._stream(pieces, body["max_tokens"]), media_type="text/event-stream")
 
     @property
     def probes(self) -> list[str]:
         """The prompts of the probe requests."""
-        return [b["prompt"] for b in self.bodies if b.get("stream") and b["prompt"].endswith(PROBE)]
+        return [b["prompt"] for b in self.bodies if b["prompt"].endswith(PROBE)]
 
     @staticmethod
     async def _stream(pieces: list[str], max_tokens: int):
@@ -117,9 +122,10 @@ def test_probes_go_inside_the_thinking_and_an_early_exit_closes_it(thinking_serv
     for probe in backend.probes:  # each probe continues the thinking: the prompt's <think> is open
         assert "<｜Assistant｜><think>\n thought0 thought1" in probe and "</think>" not in probe
     assert result.usage.probe_tokens > 0
-    # Besides the branches' own tokens, the remote engine counts the one token of the open request and of each append
-    # request (the closing text of the two exits); the probes' requests are all in probe_tokens.
-    assert result.usage.generated_tokens == sum(b.generated_tokens for b in result.branches) + 1 + 2
+    # Besides the branches' own tokens, the remote engine counts the one token of the open request; the closing text
+    # of the two exits is appended after the last request (no request evaluates it, so it costs nothing); the probes'
+    # requests are all in probe_tokens.
+    assert result.usage.generated_tokens == sum(b.generated_tokens for b in result.branches) + 1
     engine.close()
 
 

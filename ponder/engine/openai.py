@@ -5,8 +5,16 @@ in-process engine uses) plus everything the branch has generated. Each operation
 
 * ``open`` sends the prompt with ``max_tokens=1``: the server evaluates it once (and keeps it in its prefix cache),
   reports its token count, and a prompt that does not fit fails here, as on the in-process engine.
-* ``append`` does the same with the branch's prefix plus the new text: the server's prompt count minus the branch's
-  context is the number of tokens appended.
+* ``append`` sends nothing: it adds the text to the branch's prefix and leaves it *uncounted*. The branch's next
+  request that reports a prompt count counts it -- the server's prompt count minus the branch's context (minus a
+  scored continuation) is the number of tokens appended. Requests sent whole (``score``, short plain extends: see
+  ``extend``) report it; a streamed extend cannot be relied on to (llama-cpp-python's server streams no usage, and a
+  stream closed early never gets to it), so before one starts, and before a fork copies the branch, an uncounted
+  append is counted by a request of its own as ``open`` counts a prompt (``max_tokens=1``). Counting an append on the
+  request that needs its text anyway saves one evaluation of the whole prefix per append for a verifier's question
+  or an answer probe: on llama-cpp-python's server, whose single context the branches' requests take turns in, a
+  re-sent prefix is mostly evaluated again. An append whose branch is released before any request sent it is never
+  counted: the server never evaluated it.
 * ``fork`` sends nothing: children copy the parent's text; their requests share the prompt through the server's
   prefix cache, so forks count in ``prompt_tokens_shared`` exactly as on the in-process engine.
 * ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
@@ -14,6 +22,9 @@ in-process engine uses) plus everything the branch has generated. Each operation
   ``n`` choices where the server honours ``n`` (vLLM, SGLang); elsewhere (llama.cpp's servers) each branch is its own
   concurrent request. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
   ``"halted"`` mean what they mean on the in-process engine; closing the stream makes the server stop generating.
+  An extend of at most ``WHOLE_MAX_TOKENS`` tokens with no stop string and no ``stop_if`` (a verdict, an answer
+  probe) has nothing to stop early and is sent whole, not streamed: its response carries the usage that counts an
+  append (see ``append``).
 * ``score`` sends prefix + continuation with ``echo`` and ``logprobs`` and sums the continuation's prompt logprobs.
   A server whose prompt logprobs are missing or misaligned makes it raise ``ScoreUnsupportedError``; the Yes/No
   verifiers then read P(Yes) from the ``top_logprobs`` of one generated token (``Branch.last_top_logprobs``).
@@ -74,6 +85,7 @@ except ModuleNotFoundError as e:  # the client is an optional extra: only --engi
 DOWN_S = 10.0  # how long a server that failed to connect is skipped
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry waits: 0.5 s, 1 s, 2 s, ... at most 8 s (less up to 25 % jitter)
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # a prompt whose every token is predictable
+WHOLE_MAX_TOKENS = 32  # a plain extend this short is sent whole: cancelling it saves little, its usage counts appends
 _CONTEXT_ERRORS = ("context length", "context window", "maximum context", "exceed_context", "too long")
 
 
@@ -93,6 +105,7 @@ class RemoteBranch(Branch):
     prompt: str = ""  # the rendered prompt; the text sent is prompt + text
     server: _Server | None = None  # the server that last served it (its prefix cache holds it)
     job: _Extend | None = None
+    append_uncounted: bool = False  # text was appended that no request has counted yet (see ``append``)
 
 
 @dataclass(eq=False)
@@ -110,6 +123,10 @@ class _Extend:
     @property
     def shareable(self) -> bool:
         return not self.params.stop and self.stop_if is None
+
+    @property
+    def streamed(self) -> bool:
+        return not self.shareable or self.params.max_tokens > WHOLE_MAX_TOKENS
 
 
 @dataclass
@@ -209,29 +226,15 @@ class OpenAIEngine(Engine):
         assert isinstance(branch, RemoteBranch)
         if branch.job is not None:
             raise PonderError("cannot append to a branch while it is extending")
-        # Counted the way open counts a prompt: the server tokenizes the whole new prefix (its prefix cache holds
-        # all but the new text); what it counts beyond the branch's context is the appended text.
-        async with self._request(branch.server, prompt=branch.prompt + branch.text + text, max_tokens=1,
-                                 temperature=0.0) as (server, completion):
-            counted = _usage_of(completion, server)
-        # Never negative: text that merges with the branch's last tokens can retokenize shorter than it was sampled.
-        appended = max(counted.prompt_tokens - branch.context_tokens, 0)
-        branch.server = server
         branch.text += text
-        branch.tokens.extend([-1] * appended)
-        branch.appended_tokens += appended
-        branch.context_tokens += appended
-        branch.usage.add("prompt_tokens", appended, branch.model)
-        branch.usage.add("generated_tokens", counted.completion_tokens, branch.model)
-        self._counters.prefills += 1
-        self._counters.prefill_tokens += appended
-        self._counters.generated_tokens += counted.completion_tokens
+        branch.append_uncounted = True  # counted by the branch's next request (see the module docstring)
         return branch
 
     async def fork(self, branch: Branch, n: int) -> list[Branch]:
         assert isinstance(branch, RemoteBranch)
         if branch.job is not None:
             raise PonderError("cannot fork a branch while it is extending")
+        await self._count_append(branch)  # once, before the children share it
         children = []
         for _ in range(n):
             child = RemoteBranch(
@@ -294,6 +297,7 @@ class OpenAIEngine(Engine):
                 total += logprob
                 scored += 1
             position += len(token)
+        self._settle_append(branch, counted.prompt_tokens - scored)
         branch.usage.add("scored_tokens", scored, branch.model)
         branch.usage.add("generated_tokens", counted.completion_tokens, branch.model)
         self._counters.generated_tokens += counted.completion_tokens
@@ -325,6 +329,33 @@ class OpenAIEngine(Engine):
             state.loop.run_until_complete(asyncio.gather(state.closer, return_exceptions=True))
 
     # ---- requests ------------------------------------------------------------------------------------------------
+
+    async def _count_append(self, branch: RemoteBranch) -> None:
+        """Count ``branch``'s uncounted append now, by a request of its own (see the module docstring)."""
+        if not branch.append_uncounted:
+            return
+        async with self._request(branch.server, prompt=branch.prompt + branch.text, max_tokens=1,
+                                 temperature=0.0) as (server, completion):
+            counted = _usage_of(completion, server)
+        branch.server = server
+        self._settle_append(branch, counted.prompt_tokens)
+        branch.usage.add("generated_tokens", counted.completion_tokens, branch.model)  # the token the API forces
+        self._counters.prefills += 1
+        self._counters.generated_tokens += counted.completion_tokens
+
+    def _settle_append(self, branch: RemoteBranch, prefix_tokens: int) -> None:
+        """Count ``branch``'s uncounted append from ``prefix_tokens``, the server's count of the branch's whole
+        prefix (prompt and text) as one of its requests sent it."""
+        if not branch.append_uncounted:
+            return  # counted already (by another request on the same prefix) or nothing appended
+        branch.append_uncounted = False
+        # Never negative: text that merges with the branch's last tokens can retokenize shorter than it was sampled.
+        appended = max(prefix_tokens - branch.context_tokens, 0)
+        branch.tokens.extend([-1] * appended)
+        branch.appended_tokens += appended
+        branch.context_tokens += appended
+        branch.usage.add("prompt_tokens", appended, branch.model)
+        self._counters.prefill_tokens += appended
 
     async def _supports(self, capability: str) -> bool:
         """Whether every server honours ``capability`` (a ``_Server`` field probed on first need). Callers that ask
@@ -366,12 +397,13 @@ class OpenAIEngine(Engine):
     async def _generate(self, jobs: list[_Extend]) -> None:
         """One streamed request whose ``n`` choices feed ``jobs`` (their branches share prefix and parameters)."""
         first = jobs[0]
-        params = first.params
+        params, streamed = first.params, first.streamed
         body = dict(prompt=first.branch.prompt + first.branch.text, max_tokens=params.max_tokens,
-                    temperature=params.temperature, top_p=params.top_p, stream=True,
-                    stream_options={"include_usage": True},
+                    temperature=params.temperature, top_p=params.top_p,
                     extra_body={"top_k": params.top_k, "min_p": params.min_p,
                                 **({"ignore_eos": True} if params.ignore_eos else {})})
+        if streamed:
+            body.update(stream=True, stream_options={"include_usage": True})
         if len(jobs) > 1:
             body["n"] = len(jobs)
         if params.seed is not None:
@@ -380,20 +412,23 @@ class OpenAIEngine(Engine):
             body["logprobs"] = max(params.top_logprobs, 1)
         counted, url = 0, "the remote server"
         try:
-            async with self._request(first.branch.server, **body) as (server, stream):
+            if streamed:
+                for job in jobs:
+                    await self._count_append(job.branch)
+            async with self._request(first.branch.server, **body) as (server, response):
                 url = server.url
                 for job in jobs:
                     job.branch.server = server
-                async with stream:
-                    async for chunk in stream:
-                        for choice in chunk.choices:
-                            job = jobs[choice.index]
-                            if not job.done:
-                                counted += self._feed(job, choice)
-                        if chunk.usage is not None:
-                            self._count_unseen(jobs, chunk.usage.completion_tokens - counted)
-                        if all(j.done for j in jobs) and any(j.ended_here for j in jobs):
-                            break  # the rest is of no use: closing the stream stops the server
+                if not streamed:
+                    for job in jobs:
+                        self._settle_append(job.branch, _usage_of(response, server).prompt_tokens)
+                    counted = self._take(jobs, response, counted)
+                else:
+                    async with response:
+                        async for chunk in response:
+                            counted = self._take(jobs, chunk, counted)
+                            if all(j.done for j in jobs) and any(j.ended_here for j in jobs):
+                                break  # the rest is of no use: closing the stream stops the server
             for job in jobs:
                 if not job.done:
                     raise PonderError(
@@ -410,6 +445,16 @@ class OpenAIEngine(Engine):
                     job.branch.job = None
                     job.done = True
                     job.future.set_exception(error)
+
+    def _take(self, jobs: list[_Extend], chunk, counted: int) -> int:
+        """Apply a streamed chunk (or a whole completion) to ``jobs``; return the tokens counted so far."""
+        for choice in chunk.choices:
+            job = jobs[choice.index]
+            if not job.done:
+                counted += self._feed(job, choice)
+        if chunk.usage is not None:
+            self._count_unseen(jobs, chunk.usage.completion_tokens - counted)
+        return counted
 
     def _feed(self, job: _Extend, choice) -> int:
         """Apply one streamed choice delta to the job's branch; return the tokens it carried."""
