@@ -80,7 +80,8 @@ NOTES = {
     "its_hub-bon": "its_hub's own usage leaves out the P(Yes) judge's requests; the proxy counts them",
     "its_hub-pf": "its_hub continues steps with vLLM's continue_final_message; llama-cpp-python starts a new turn",
     "ponder-bon": "llama-cpp-python 0.3 shifts echoed prompt logprobs by one token, so ponder's self-verifier reads "
-                  "P(Yes) from one greedy token's top-20 alternatives there (two requests per candidate)",
+                  "P(Yes) from one greedy token's top-20 alternatives there (one request per candidate, which also "
+                  "counts the appended question)",
 }
 
 
