@@ -13,8 +13,9 @@ in-process engine uses) plus everything the branch has generated. Each operation
   append is counted by a request of its own as ``open`` counts a prompt (``max_tokens=1``). Counting an append on the
   request that needs its text anyway saves one evaluation of the whole prefix per append for a verifier's question
   or an answer probe: on llama-cpp-python's server, whose single context the branches' requests take turns in, a
-  re-sent prefix is mostly evaluated again. An append whose branch is released before any request sent it is never
-  counted: the server never evaluated it.
+  re-sent prefix is mostly evaluated again. Until then the branch's ``tokens``, ``appended_tokens`` and
+  ``context_tokens`` leave the appended text out. An append whose branch is released before any request sent it is
+  never counted: the server never evaluated it.
 * ``fork`` sends nothing: children copy the parent's text; their requests share the prompt through the server's
   prefix cache, so forks count in ``prompt_tokens_shared`` exactly as on the in-process engine.
 * ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
@@ -395,7 +396,8 @@ class OpenAIEngine(Engine):
                     job.request, job.group = request, batch
 
     async def _generate(self, jobs: list[_Extend]) -> None:
-        """One streamed request whose ``n`` choices feed ``jobs`` (their branches share prefix and parameters)."""
+        """One request -- streamed, or sent whole when short and plain (see ``_Extend.streamed``) -- whose ``n``
+        choices feed ``jobs`` (their branches share prefix and parameters)."""
         first = jobs[0]
         params, streamed = first.params, first.streamed
         body = dict(prompt=first.branch.prompt + first.branch.text, max_tokens=params.max_tokens,
@@ -420,8 +422,9 @@ class OpenAIEngine(Engine):
                 for job in jobs:
                     job.branch.server = server
                 if not streamed:
+                    prefix_tokens = _usage_of(response, server).prompt_tokens
                     for job in jobs:
-                        self._settle_append(job.branch, _usage_of(response, server).prompt_tokens)
+                        self._settle_append(job.branch, prefix_tokens)
                     counted = self._take(jobs, response, counted)
                 else:
                     async with response:
@@ -457,7 +460,8 @@ class OpenAIEngine(Engine):
         return counted
 
     def _feed(self, job: _Extend, choice) -> int:
-        """Apply one streamed choice delta to the job's branch; return the tokens it carried."""
+        """Apply one choice (a streamed delta or a whole completion's) to the job's branch; return the tokens it
+        carried."""
         b = job.branch
         logprobs = choice.logprobs
         count = len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(choice.text))
