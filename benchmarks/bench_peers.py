@@ -13,9 +13,9 @@ What runs:
    that honours ``n`` and ``max_completion_tokens`` (see its docstring).
 2. The remote systems, one after the other (each peer in its own venv under ``peers/venvs/``, installed on first
    use): optillm ``self_consistency``, ``bon`` and the ``majority_voting`` plugin through optillm's proxy; its_hub
-   ``SelfConsistency``, ``BestOfN`` and ``ParticleFiltering``; ponder ``sc``, ``adaptive`` and ``bon`` on its remote
-   engine (``--engine openai``).
-3. The server is stopped, and ponder's ``sc``, ``adaptive`` and ``bon`` run in process (the runs never share cores).
+   ``SelfConsistency``, ``BestOfN`` and ``ParticleFiltering``; ponder ``sc``, ``adaptive``, ``bon`` and
+   ``particles`` on its remote engine (``--engine openai``).
+3. The server is stopped, and the same ponder strategies run in process (the runs never share cores).
 
 Every final answer is scored by ponder's checker (math-verify equivalence). Each system's rows go to
 ``OUT_DIR/SYSTEM.jsonl`` (a header with the settings and versions, then one row per problem), so a run that was
@@ -63,15 +63,18 @@ SYSTEMS = {
     "ponder-sc": ("ponder", "sc"),
     "ponder-adaptive": ("ponder", "adaptive"),
     "ponder-bon": ("ponder", "bon"),
+    "ponder-particles": ("ponder", "particles"),
     "ponder-sc-local": ("local", "sc"),
     "ponder-adaptive-local": ("local", "adaptive"),
     "ponder-bon-local": ("local", "bon"),
+    "ponder-particles-local": ("local", "particles"),
 }
 # method -> (the peers' systems, ponder's systems) that the issue's target compares.
 MATCHES = {
     "self-consistency": (["optillm-sc", "optillm-majority", "its_hub-sc"],
                          ["ponder-sc", "ponder-adaptive", "ponder-sc-local", "ponder-adaptive-local"]),
     "best-of-n": (["optillm-bon", "its_hub-bon"], ["ponder-bon", "ponder-bon-local"]),
+    "particle filtering": (["its_hub-pf"], ["ponder-particles", "ponder-particles-local"]),
 }
 NOTES = {
     "optillm-sc": "optillm: always 5 samples at temperature 1, groups whole texts by string similarity",
@@ -82,6 +85,8 @@ NOTES = {
     "ponder-bon": "llama-cpp-python 0.3 shifts echoed prompt logprobs by one token, so ponder's self-verifier reads "
                   "P(Yes) from one greedy token's top-20 alternatives there (one request per candidate, which also "
                   "counts the appended question)",
+    "ponder-particles": "the same 0.5B judges its steps (P(Yes), its_hub-pf's reward); on llama-cpp-python's server "
+                        "from the reply's first token, one request per scored step",
 }
 
 
@@ -116,7 +121,7 @@ def main() -> int:
                            proxy)
     for system in systems:
         if SYSTEMS[system][0] == "local" and pending(args.out_dir, system, problems, config):
-            runner = PonderRunner(SYSTEMS[system][1], None, settings, model_path=model_path)
+            runner = PonderRunner(SYSTEMS[system][1], None, settings)
             run_system(args.out_dir, system, runner, problems, dataset, config, None)
 
     table = render_table(args.out_dir, systems, config, problems)

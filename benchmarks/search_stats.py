@@ -6,6 +6,8 @@ Reads the search trees that ``ponder bench`` keeps for ``beam``, ``dvts``, ``par
 problem's ``details["tree"]``) and prints, per results file:
 
 * accuracy, and how often *some* finished solution in the tree was right (the most the pick could reach);
+* what two other picks over the tree's finished solutions would have scored: a majority vote and a value-weighted
+  vote (each finished node once; ties go to the answer reached first);
 * tokens per problem as each model spent them: the generator's sampled tokens, and the judge's -- the steps it read
   (prompt tokens not taken from a cache) plus its scoring tokens. ``total`` adds all of them, the figure to hold
   against SC's tokens;
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ponder.answers import equivalent, normalize  # noqa: E402
+from ponder.answers import equivalent, normalize, vote  # noqa: E402
 from ponder.bench.runner import read_results  # noqa: E402
 from traces import auroc, summaries_main  # noqa: E402
 
@@ -59,6 +61,18 @@ def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[
     return finals, steps, any(right.values())
 
 
+def vote_picks(problem: dict) -> tuple[bool, bool]:
+    """Whether a majority vote, and a value-weighted vote, of the tree's finished solutions pick a right answer."""
+    finished = [node for node in problem["details"]["tree"]["nodes"] if node["status"] == "finished"]
+    gold = normalize(problem["gold"])
+    answers = [node["answer"] for node in finished]
+    right = []
+    for weights in (None, [node["value"] or 0.0 for node in finished]):
+        groups = vote(answers, weights).groups
+        right.append(bool(groups) and equivalent(max(groups, key=groups.get), gold))
+    return right[0], right[1]
+
+
 def per_problem_tokens(problem: dict, generator: str) -> dict[str, float]:
     """The generator's sampled tokens and the other models' (the judge's) evaluated and scoring tokens."""
     models = problem["usage"].get("models", {})
@@ -75,13 +89,16 @@ def summarize(path: Path) -> dict:
     problems = [p for p in problems if "tree" in (p.get("details") or {})]
     if not problems:
         raise SystemExit(f"{path}: no search trees in this file (run beam, dvts, particles or astar)")
-    finals, steps, reachable = [], [], 0
+    finals, steps, reachable, majority, weighted = [], [], 0, 0, 0
     tokens = {"generated": 0.0, "judge": 0.0, "total": 0.0}
     for problem in problems:
         f, s, any_right = problem_labels(problem)
         finals += f
         steps += s
         reachable += any_right
+        by_majority, by_value = vote_picks(problem)
+        majority += by_majority
+        weighted += by_value
         for kind, n in per_problem_tokens(problem, header["model"]["name"]).items():
             tokens[kind] += n / len(problems)
     return {
@@ -89,6 +106,8 @@ def summarize(path: Path) -> dict:
         "problems": len(problems),
         "accuracy": sum(p["correct"] for p in problems) / len(problems),
         "some_solution_right": reachable / len(problems),
+        "majority_vote": majority / len(problems),
+        "weighted_vote": weighted / len(problems),
         "tokens_per_problem": {k: round(v, 1) for k, v in tokens.items()},
         "auroc_final": auroc([v for v, _ in finals], [r for _, r in finals]),
         "finals": len(finals),
@@ -103,6 +122,8 @@ def show(stats: dict) -> None:
     t = stats["tokens_per_problem"]
     print(f"{stats['file']}: {stats['strategy']} over {stats['problems']} problems")
     print(f"  accuracy {stats['accuracy']:.1%}; some finished solution right {stats['some_solution_right']:.1%}")
+    print(f"  other picks of the finished solutions: majority vote {stats['majority_vote']:.1%}, value-weighted "
+          f"vote {stats['weighted_vote']:.1%}")
     print(f"  tokens per problem: generated {t['generated']:.0f}, judge {t['judge']:.0f}, total {t['total']:.0f}")
     print(f"  AUROC of final values {fmt(stats['auroc_final'])} over {stats['finals']} solutions; "
           f"of step scores {fmt(stats['auroc_steps'])} over {stats['steps']} steps")

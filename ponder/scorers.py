@@ -9,7 +9,8 @@ in for one:
 
 * ``judge`` -- a model (default the large one, qwen2.5-1.5b) reads the question and the steps so far as its own
   conversation and is asked whether they are correct and on track; the value is P(Yes) / (P(Yes) + P(No)) from one
-  forward pass (two one-token ``score`` calls on the same fork). The question is evaluated once per problem on the
+  forward pass (two one-token ``score`` calls on the same fork; on a server that cannot ``score``, such as
+  llama-cpp-python's, from the alternatives of the reply's first token, generated greedily). The question is evaluated once per problem on the
   judge; the judge keeps a branch per live node, holding the prompt and that node's steps, and a child's is a fork of
   its parent's with the child's step appended: every step is read once by the judge, however deep the tree.
   When the judge is the generating model itself, it reads the node's own branch and keeps nothing.
@@ -45,10 +46,10 @@ from dataclasses import replace
 from typing import Protocol, Sequence
 
 from .answers import extract_answer, vote
-from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
+from .engine.base import Branch, Engine, PonderError, SamplingParams, ScoreUnsupportedError, Usage
 from .prompts import DEFAULT_PROMPT, MathPrompt
 from .steps import states_answer
-from .verifiers.llm import p_yes
+from .verifiers.llm import p_yes, read_verdict
 
 SCORERS = ("judge", "probe", "logprob")
 DEFAULT_JUDGE = "qwen2.5-1.5b"
@@ -128,8 +129,11 @@ class JudgeScorer(Scorer):
             (asked,) = await reader.fork(1)
             try:
                 await asked.append(JUDGE_TURN)
-                yes = await asked.score("Yes")
-                no = await asked.score("No")
+                try:
+                    yes = await asked.score("Yes")
+                    no = await asked.score("No")
+                except ScoreUnsupportedError:  # a server without prompt logprobs: one greedy token of the reply
+                    return await read_verdict(asked)
             finally:
                 asked.release()
         return p_yes(yes, no)

@@ -64,17 +64,20 @@ def test_series_hold_the_greedy_point_and_the_maj_at_k_curves(results):
     _, greedy_records = read_results(results["greedy"])
     assert greedy.kind == "point" and greedy.ks == []
     assert greedy.accuracy == [sum(r["correct"] for r in greedy_records) / 6] == [1 / 6]  # only "7" is right
-    assert greedy.tokens == [6.0]  # "\boxed{7}" plus five words
+    prompt = sum(r["usage"]["prompt_tokens"] for r in greedy_records) / 6
+    assert prompt > 0
+    assert greedy.tokens == [prompt + 6.0]  # the prompt, "\boxed{7}" and five words
     assert greedy.ci95[0] < greedy.accuracy[0] < greedy.ci95[1]
 
     for n, label in ((4, "sc n=4 temperature=0.7 maj@k"), (6, "sc n=6 temperature=1.0 maj@k")):
         curve = series[label]
         _, records = read_results(results[f"sc{n}"])
         tokens = sum(r["usage"]["generated_tokens"] for r in records) / len(records)
+        prompt = sum(r["usage"]["prompt_tokens"] for r in records) / len(records)  # read once, shared by the forks
         assert curve.kind == "curve" and curve.ks == list(range(1, n + 1))
         assert curve.accuracy == pytest.approx([sum(brute_maj(r, k) for r in records) / len(records)
                                                 for k in range(1, n + 1)])
-        assert curve.tokens == pytest.approx([tokens * k / n for k in range(1, n + 1)])
+        assert curve.tokens == pytest.approx([prompt + tokens * k / n for k in range(1, n + 1)])
         run = next(r for r in runs if r.label + " maj@k" == label)
         assert curve.wall_s == pytest.approx([run.metrics.wall_s * k / n for k in range(1, n + 1)])
     assert len(set(series["sc n=6 temperature=1.0 maj@k"].accuracy)) > 1  # the curve is not flat
@@ -264,21 +267,42 @@ def test_runs_of_one_prompt_are_not_flagged_and_older_files_count_as_the_default
     assert "prompt=" not in console.export_text() and "different prompts" not in console.export_text()
 
 
-def test_probe_tokens_are_paid_on_the_token_axis_and_shown_in_the_table(results, tmp_path):
-    """An early-exit run's probes are counted in no other field: the plot adds them to the generated tokens."""
-    probed = tmp_path / "probed.jsonl"
-    header, *records = results["greedy"].read_text().splitlines()
+def with_usage(source: Path, out: Path, **usage) -> Path:
+    """A copy of the results file ``source`` whose every record's usage is ``usage`` (plus its generated tokens)."""
+    header, *records = source.read_text().splitlines()
     lines = [header]
     for line in records:
         record = json.loads(line)
-        record["usage"]["probe_tokens"] = 4
+        record["usage"] = {"generated_tokens": record["usage"]["generated_tokens"], **usage}
         lines.append(json.dumps(record))
-    probed.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def table_row(path: Path) -> list[str]:
+    out = Console(record=True, width=300)
+    write_report([path], None, out)
+    row = next(line for line in out.export_text().splitlines() if "greedy" in line and "%" in line)
+    return [cell.strip() for cell in row.split("│")]
+
+
+def test_probe_tokens_are_paid_on_the_token_axis_and_shown_in_the_table(results, tmp_path):
+    """An early-exit run's probes are counted in no other field: the plot adds them to the generated tokens."""
+    probed = with_usage(results["greedy"], tmp_path / "probed.jsonl", prompt_tokens=10, probe_tokens=4)
     runs, _ = load_runs([probed])
     (point,) = pareto_series(runs)
-    assert point.tokens == [6.0 + 4.0]  # six generated tokens per problem (see above) and four of probes
+    assert point.tokens == [10.0 + 6.0 + 4.0]  # the prompt, six generated tokens per problem (see above), the probes
     assert runs[0].metrics.probe_tokens == 4.0
-    out = Console(record=True, width=200)
-    write_report([probed], None, out)
-    row = next(line for line in out.export_text().splitlines() if "greedy" in line and "%" in line)
-    assert [cell.strip() for cell in row.split("│")][8] == "4"  # the probe tok column
+    assert table_row(probed)[9:11] == ["4", "20"]  # the probe tok and computed tok columns
+
+
+def test_a_judges_reading_and_scoring_are_paid_and_cached_or_shared_prompt_tokens_are_not(results, tmp_path):
+    """A search's judge reads the steps (prompt tokens of a second model) and feeds its verdicts (scored tokens): the
+    token axis counts both. Prompt tokens a fork shared or the prefix cache held were not computed: not counted."""
+    judged = with_usage(results["greedy"], tmp_path / "judged.jsonl", prompt_tokens=10 + 50, scored_tokens=8,
+                        prompt_tokens_cached=20, prompt_tokens_shared=300,
+                        models={"small": {"prompt_tokens": 10}, "large": {"prompt_tokens": 50, "scored_tokens": 8}})
+    runs, _ = load_runs([judged])
+    (point,) = pareto_series(runs)
+    assert point.tokens == [60.0 - 20.0 + 6.0 + 8.0]
+    assert table_row(judged)[6:11] == ["60", "6", "8", "0", "54"]  # prompt, gen, scored, probe, computed tok

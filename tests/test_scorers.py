@@ -107,6 +107,28 @@ def test_the_generating_model_judges_on_the_candidates_own_branch():
     assert usage.models[GEN]["prompt_tokens"] == PROMPT_TOKENS + TURN_TOKENS
 
 
+def test_without_score_the_judge_reads_the_first_token_of_its_reply():
+    """On a server without prompt logprobs (llama-cpp-python's) the judge generates the first token of its reply
+    greedily and reads P(Yes) from that token's alternatives."""
+    step = "a\n\n"
+    asked_at = len(fake_tokens(step)) + TURN_TOKENS  # the reply follows the step and the judge's question
+    reply = Script("w " * asked_at + "Yes",
+                   top_logprobs=[{}] * asked_at + [{"Yes": math.log(0.3), "No": math.log(0.6), "The": -3.0}])
+    engine = FakeEngine([step], name=GEN, models={JUDGE: FakeModel([reply])}, can_score=False)
+
+    async def go():
+        root = Partial(None, await engine.open(math_messages("q")))
+        scorer = JudgeScorer(engine, JUDGE, root.branch.usage)
+        value = await scorer.score("q", await grow(root))
+        scorer.close()
+        return value, root.branch.usage, engine.stats().live_branches
+
+    value, usage, live = asyncio.run(go())
+    assert value == pytest.approx(1 / 3)
+    assert usage.models[JUDGE]["generated_tokens"] == 1 and "scored_tokens" not in usage.models[JUDGE]
+    assert live == 2  # the generator's prompt and step; every branch of the judge is released
+
+
 def probe_script(answer: str) -> str:
     """A probe fork's script: after a one-token step and the forced text, it writes ``answer`` and a brace."""
     return "s " + " ".join(["x"] * len(fake_tokens(PROBE))) + f" {answer}}} and more"

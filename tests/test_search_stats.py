@@ -51,6 +51,8 @@ def test_a_tree_is_labelled_by_the_solutions_below_each_node(tmp_path):
     write_results(tmp_path / "beam.jsonl", TREE)
     stats = search_stats.summarize(tmp_path / "beam.jsonl")
     assert stats["accuracy"] == 1.0 and stats["some_solution_right"] == 1.0
+    # "5" has two finished solutions against one "7" (wrong by majority), but 0.4 of value against 0.8
+    assert stats["majority_vote"] == 0.0 and stats["weighted_vote"] == 1.0
     # finals: 0.8 right against 0.3 and 0.1 wrong -- separated
     assert stats["auroc_final"] == 1.0 and stats["finals"] == 3
     # steps on a right path: 1 (0.9) and 3 (0.7); on wrong ones: 2 (0.2), 4 (0.8), 5 (0.1); 6 has nothing below

@@ -42,7 +42,7 @@ class Settings:
     top_p: float
     top_k: int
     max_tokens: int
-    max_steps: int  # its_hub particle filtering: steps per particle at most
+    max_steps: int  # particle filtering: steps per particle at most
 
 
 @dataclass
@@ -136,13 +136,17 @@ class ItsHubRunner:
 class PonderRunner:
     """A ponder strategy on the remote engine (``base_url``) or, with ``base_url=None``, in process."""
 
-    def __init__(self, strategy: str, base_url: str | None, settings: Settings, model_path: str | None = None):
-        self.strategy, self.base_url, self.settings, self.model_path = strategy, base_url, settings, model_path
+    def __init__(self, strategy: str, base_url: str | None, settings: Settings):
+        self.strategy, self.base_url, self.settings = strategy, base_url, settings
         self.versions = {"ponder": ponder.__version__}
+        # Particle filtering set up as its_hub's is here: the served model judges its own steps (its P(Yes) is the
+        # process reward of its_hub-pf), for at most max_steps steps.
+        self.options = ({"judge": settings.model, "max_steps": settings.max_steps} if strategy == "particles"
+                        else {})
 
     def __enter__(self):
         if self.base_url is None:
-            self.engine = load_engine(self.model_path)
+            self.engine = load_engine(self.settings.model)  # the bundled model by name, so the judge= name matches
         else:
             self.engine = OpenAIEngine([self.base_url], self.settings.model)
         return self
@@ -154,7 +158,7 @@ class PonderRunner:
         s = self.settings
         try:
             result = ponder.ask(question, self.strategy, s.n, engine=self.engine, temperature=s.temperature,
-                                top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=seed)
+                                top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=seed, **self.options)
         except ponder.PonderError as exc:
             return Answer(None, error=str(exc))
         u = result.usage

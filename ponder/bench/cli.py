@@ -59,7 +59,8 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="compare results files: table, Pareto plot and Markdown report",
         description="Print a table of the runs in the results files; with --plot, also write a PNG of accuracy vs "
-                    "generated tokens and vs wall time per problem, and a Markdown report beside it. Needs "
+                    "tokens computed (prompt evaluated, generated, scored, probed; every model counted) and vs wall "
+                    "time per problem, and a Markdown report beside it. Needs "
                     'matplotlib: pip install "ponder[plot]".')
     report.add_argument("results", nargs="+", type=Path, help="results files written by ponder bench")
     report.add_argument("--plot", type=Path, help="the PNG to write; the Markdown report goes beside it (.md)")

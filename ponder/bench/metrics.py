@@ -99,6 +99,9 @@ class RunMetrics:
     prompt_tokens: float  # mean per problem
     generated_tokens: float  # mean per problem, every branch counted
     probe_tokens: float  # mean per problem: answer probes of early exit (their text and replies), in no other count
+    scored_tokens: float  # mean per problem: tokens fed to read a verdict or a step's score
+    drafted_tokens: float  # mean per problem: a draft model's proposals (speculative decoding)
+    prompt_computed: float  # mean per problem: prompt tokens evaluated, less those the prefix cache held
     latency_s: float  # mean wall time from a problem's start to its end
     wall_s: float  # run time per problem: elapsed time of the runs / problems (concurrent problems share it)
     tokens_per_s: float  # generated tokens / elapsed time of the runs
@@ -108,10 +111,22 @@ class RunMetrics:
 
 
     @property
-    def spent_tokens(self) -> float:
-        """Tokens decoded per problem beyond the prompt: generated plus early exit's probes (the x of the Pareto
-        plot, so a run that stops early pays for the probes that let it)."""
-        return self.generated_tokens + self.probe_tokens
+    def sampled_tokens(self) -> float:
+        """Tokens per problem computed past the prompt: generated, scored, probed and drafted."""
+        return self.generated_tokens + self.scored_tokens + self.probe_tokens + self.drafted_tokens
+
+    @property
+    def computed_tokens(self) -> float:
+        """Every token a model computed per problem, both models of a two-model run counted: the prompt tokens it
+        evaluated (not those a fork shared or the prefix cache held; a judge's reading of the steps included) and
+        ``sampled_tokens``. The x of the Pareto plot: a search pays for its judge, an early exit for its probes, a
+        cascade for the large model's reading."""
+        return self.prompt_computed + self.sampled_tokens
+
+
+def _mean_usage(records: Sequence[dict], counter: str) -> float:
+    """The mean of a usage counter per problem; files written before a counter existed count it as 0."""
+    return sum(r["usage"].get(counter, 0) for r in records) / len(records)
 
 
 def summarize(strategy: str, records: Sequence[dict]) -> RunMetrics:
@@ -127,7 +142,10 @@ def summarize(strategy: str, records: Sequence[dict]) -> RunMetrics:
         branches=sum(len(r["branches"]) for r in records) / count,
         prompt_tokens=sum(r["usage"]["prompt_tokens"] for r in records) / count,
         generated_tokens=generated / count,
-        probe_tokens=sum(r["usage"].get("probe_tokens", 0) for r in records) / count,
+        probe_tokens=_mean_usage(records, "probe_tokens"),
+        scored_tokens=_mean_usage(records, "scored_tokens"),
+        drafted_tokens=_mean_usage(records, "drafted_tokens"),
+        prompt_computed=_mean_usage(records, "prompt_tokens") - _mean_usage(records, "prompt_tokens_cached"),
         latency_s=sum(r["wall_s"] for r in records) / count,
         wall_s=elapsed / count,
         tokens_per_s=generated / elapsed if elapsed > 0 else 0.0,

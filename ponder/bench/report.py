@@ -4,8 +4,10 @@ Each results file is one run (one strategy configuration). A run of independent 
 drawn as its maj@k curve, k = 1..N, computed from its own samples; any other run is one point with its 95 % Wilson
 interval. The two panels put accuracy against the two costs per problem:
 
-* generated tokens: for maj@k this is k/N of the run's tokens, which is exactly the expected token count of a random
-  k-subset of its samples;
+* tokens computed: every token a model computed for the problem, both models counted (the prompt tokens it evaluated,
+  a judge's or a large model's reading included, and the tokens generated, scored, probed or drafted; see
+  ``RunMetrics.computed_tokens``), so a search pays for its judge. For maj@k this is the prompt plus k/N of the run's
+  sampled tokens, which is exactly the expected count of a random k-subset of its samples;
 * wall time: for maj@k this is k/N of the run's wall time, i.e. the time k samples take *at the throughput the N-sample
   run had* (an estimate: a run with fewer samples batches fewer branches and decodes fewer tokens per second).
 
@@ -33,8 +35,8 @@ from .metrics import RunMetrics, summarize
 from .runner import read_results, run_prompt
 
 # Costs are per problem: prompt and generated tokens, wall time (elapsed / problems), latency (start to answer).
-RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "probe tok",
-               "wall s", "latency s", "gen tok/s")
+RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "scored tok",
+               "probe tok", "computed tok", "wall s", "latency s", "gen tok/s")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Series:
     kind: str
     ks: list[int]  # k of each curve point; empty for a point
     accuracy: list[float]
-    tokens: list[float]  # mean generated + probe tokens per problem
+    tokens: list[float]  # mean tokens computed per problem (``RunMetrics.computed_tokens``)
     wall_s: list[float]  # wall time per problem, seconds
     ci95: tuple[float, float] | None = None  # for points
     replay: bool = False  # a ``ponder bench --replay`` run: drawn hollow, its wall time is an estimate
@@ -167,12 +169,12 @@ def pareto_series(runs: Sequence[Run]) -> list[Series]:
     for run in runs:
         m = run.metrics
         if not has_own_curve(run):
-            series.append(Series(run.label, "point", [], [m.accuracy], [m.spent_tokens], [m.wall_s], m.ci95,
+            series.append(Series(run.label, "point", [], [m.accuracy], [m.computed_tokens], [m.wall_s], m.ci95,
                                  replay=bool(run.header.get("replay"))))
             continue
         ks = list(range(1, m.samples + 1))
         series.append(Series(f"{run.label} maj@k", "curve", ks, list(m.maj_at_k),
-                             [m.spent_tokens * k / m.samples for k in ks],
+                             [curve_tokens(m, k) for k in ks],
                              [m.wall_s * k / m.samples for k in ks]))
     return series
 
@@ -203,8 +205,8 @@ def plot_pareto(runs: Sequence[Run], path: str | Path):
                 if k & (k - 1) == 0 or k == s.ks[-1]:  # powers of two and N, so labels do not pile up
                     axes.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=8,
                                   color=color)
-    token_axes.set_title("accuracy vs generated (+ probe) tokens per problem")
-    token_axes.set_xlabel("generated + probe tokens per problem (mean over problems, log scale)")
+    token_axes.set_title("accuracy vs tokens computed per problem (both models)")
+    token_axes.set_xlabel("prompt evaluated + generated + scored + probe tokens per problem (mean, log scale)")
     wall_axes.set_title("accuracy vs wall time per problem")
     # Estimates (maj@k: k/N of the N-sample run; replays: at the recorded run's s/token) are explained in the .md.
     wall_axes.set_xlabel("wall time per problem (s, log scale; dashed and hollow: estimated)")
@@ -240,17 +242,24 @@ def run_row(run: Run) -> list[str]:
     low, high = m.ci95
     return [run.label, run.header["strategy"], str(m.problems), f"{m.branches:.3g}",
             f"{m.accuracy:.1%} [{low:.1%}, {high:.1%}]", f"{m.prompt_tokens:.0f}", f"{m.generated_tokens:.0f}",
-            f"{m.probe_tokens:.0f}", f"{m.wall_s:.2f}", f"{m.latency_s:.2f}", f"{m.tokens_per_s:.1f}"]
+            f"{m.scored_tokens:.0f}", f"{m.probe_tokens:.0f}", f"{m.computed_tokens:.0f}", f"{m.wall_s:.2f}",
+            f"{m.latency_s:.2f}", f"{m.tokens_per_s:.1f}"]
 
 
 def curve_rows(run: Run) -> list[list[str]]:
     """k, maj@k, pass@k and tokens per problem for k = 1..N of a sampling run."""
     m = run.metrics
-    return [[str(k), f"{maj:.1%}", f"{passed:.1%}", f"{m.generated_tokens * k / m.samples:.0f}"]
+    return [[str(k), f"{maj:.1%}", f"{passed:.1%}", f"{m.generated_tokens * k / m.samples:.0f}",
+             f"{curve_tokens(m, k):.0f}"]
             for k, maj, passed in zip(range(1, m.samples + 1), m.maj_at_k, m.pass_at_k)]
 
 
-CURVE_COLUMNS = ("k", "maj@k", "pass@k", "gen tok")
+def curve_tokens(m: RunMetrics, k: int) -> float:
+    """Tokens computed by maj@k: the prompt, evaluated once whatever k, and k/N of the sampled tokens."""
+    return m.prompt_computed + m.sampled_tokens * k / m.samples
+
+
+CURVE_COLUMNS = ("k", "maj@k", "pass@k", "gen tok", "computed tok")
 
 
 def problem_set_note(runs: Sequence[Run]) -> str | None:
@@ -303,13 +312,17 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
         "## How to read this", "",
         "- accuracy: share of problems whose final answer is correct; the interval is the 95 % Wilson interval.",
         "- Costs are per problem. branches: mean branches a problem used; prompt / gen tok: mean prompt and "
-        "generated tokens (every branch counted); probe tok: early exit's answer probes (their text and replies), "
-        "counted nowhere else and added to the generated tokens on the plot's token axis; "
+        "generated tokens (every branch counted, both models); scored tok: tokens a verifier or step scorer fed to "
+        "read its verdict (a judge's reading of the steps is in prompt tok); probe tok: early exit's answer probes "
+        "(their text and replies), counted nowhere else; computed tok, the plot's token axis: every token a model "
+        "computed -- prompt tokens evaluated (not those shared by a fork or held in the prefix cache), generated, "
+        "scored, probed and drafted; "
         "wall s: elapsed time of the run(s) divided by problems (concurrent problems share it); "
         "latency: mean time from a problem's start to its answer; gen tok/s: generated tokens per elapsed second.",
         "- pass@k: unbiased estimator of Chen et al. (2021); maj@k: exact expectation over all k-subsets of the N "
         "samples of a majority vote, ties drawn uniformly among the tied answers, no answer counted as wrong.",
-        "- In the plot, maj@k costs k/N of the run's tokens (exact in expectation) and k/N of its wall time "
+        "- In the plot, maj@k costs the prompt plus k/N of the run's sampled tokens (exact in expectation) and k/N "
+        "of its wall time "
         "(an estimate at the N-sample run's throughput, dashed).",
         "- (replay): the strategy ran on the branches an sc run recorded (`ponder bench --replay`), not on the model: "
         "its stopping rules, cancellations and votes are real, its samples are the recorded ones, and its wall time "
