@@ -10,9 +10,10 @@ in for one:
 * ``judge`` -- a model (default the large one, qwen2.5-1.5b) reads the question and the steps so far as its own
   conversation and is asked whether they are correct and on track; the value is P(Yes) / (P(Yes) + P(No)) from one
   forward pass (two one-token ``score`` calls on the same fork; on a server that cannot ``score``, such as
-  llama-cpp-python's, from the alternatives of the reply's first token, generated greedily). The question is evaluated once per problem on the
-  judge; the judge keeps a branch per live node, holding the prompt and that node's steps, and a child's is a fork of
-  its parent's with the child's step appended: every step is read once by the judge, however deep the tree.
+  llama-cpp-python's, from the alternatives of the reply's first token, generated greedily). The question is
+  evaluated once per problem on the judge; the judge keeps a branch per live node, holding the prompt and that node's
+  steps, and a child's is a fork of its parent's with the child's step appended: every step is read once by the
+  judge, however deep the tree.
   When the judge is the generating model itself, it reads the node's own branch and keeps nothing.
 * ``probe`` -- rollout-free: ``PROBES`` forks of the partial solution are told "The final answer is \\boxed{" and
   sample at most ``PROBE_TOKENS`` tokens until the box closes; the value is the share of the probes that agree on an

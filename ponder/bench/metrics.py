@@ -111,17 +111,17 @@ class RunMetrics:
 
 
     @property
-    def sampled_tokens(self) -> float:
-        """Tokens per problem computed past the prompt: generated, scored, probed and drafted."""
+    def after_prompt_tokens(self) -> float:
+        """Tokens per problem computed after the prompt: generated, scored, probed and drafted."""
         return self.generated_tokens + self.scored_tokens + self.probe_tokens + self.drafted_tokens
 
     @property
     def computed_tokens(self) -> float:
         """Every token a model computed per problem, both models of a two-model run counted: the prompt tokens it
         evaluated (not those a fork shared or the prefix cache held; a judge's reading of the steps included) and
-        ``sampled_tokens``. The x of the Pareto plot: a search pays for its judge, an early exit for its probes, a
-        cascade for the large model's reading."""
-        return self.prompt_computed + self.sampled_tokens
+        the tokens after them. The x of the Pareto plot: a search pays for its judge, an early exit for its probes,
+        a cascade for the large model's reading."""
+        return self.prompt_computed + self.after_prompt_tokens
 
 
 def _mean_usage(records: Sequence[dict], counter: str) -> float:

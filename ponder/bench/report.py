@@ -7,7 +7,7 @@ interval. The two panels put accuracy against the two costs per problem:
 * tokens computed: every token a model computed for the problem, both models counted (the prompt tokens it evaluated,
   a judge's or a large model's reading included, and the tokens generated, scored, probed or drafted; see
   ``RunMetrics.computed_tokens``), so a search pays for its judge. For maj@k this is the prompt plus k/N of the run's
-  sampled tokens, which is exactly the expected count of a random k-subset of its samples;
+  tokens after it, which is exactly the expected count of a random k-subset of its samples;
 * wall time: for maj@k this is k/N of the run's wall time, i.e. the time k samples take *at the throughput the N-sample
   run had* (an estimate: a run with fewer samples batches fewer branches and decodes fewer tokens per second).
 
@@ -255,8 +255,8 @@ def curve_rows(run: Run) -> list[list[str]]:
 
 
 def curve_tokens(m: RunMetrics, k: int) -> float:
-    """Tokens computed by maj@k: the prompt, evaluated once whatever k, and k/N of the sampled tokens."""
-    return m.prompt_computed + m.sampled_tokens * k / m.samples
+    """Tokens computed by maj@k: the prompt, evaluated once whatever k, and k/N of the tokens after it."""
+    return m.prompt_computed + m.after_prompt_tokens * k / m.samples
 
 
 CURVE_COLUMNS = ("k", "maj@k", "pass@k", "gen tok", "computed tok")
@@ -321,7 +321,7 @@ def markdown_report(runs: Sequence[Run], png: Path) -> str:
         "latency: mean time from a problem's start to its answer; gen tok/s: generated tokens per elapsed second.",
         "- pass@k: unbiased estimator of Chen et al. (2021); maj@k: exact expectation over all k-subsets of the N "
         "samples of a majority vote, ties drawn uniformly among the tied answers, no answer counted as wrong.",
-        "- In the plot, maj@k costs the prompt plus k/N of the run's sampled tokens (exact in expectation) and k/N "
+        "- In the plot, maj@k costs the prompt plus k/N of the run's other tokens (exact in expectation) and k/N "
         "of its wall time "
         "(an estimate at the N-sample run's throughput, dashed).",
         "- (replay): the strategy ran on the branches an sc run recorded (`ponder bench --replay`), not on the model: "
