@@ -66,11 +66,9 @@ def vote_picks(problem: dict) -> tuple[bool, bool]:
     finished = [node for node in problem["details"]["tree"]["nodes"] if node["status"] == "finished"]
     gold = normalize(problem["gold"])
     answers = [node["answer"] for node in finished]
-    right = []
-    for weights in (None, [node["value"] or 0.0 for node in finished]):
-        groups = vote(answers, weights).groups
-        right.append(bool(groups) and equivalent(max(groups, key=groups.get), gold))
-    return right[0], right[1]
+    by_majority = vote(answers).winner
+    by_value = vote(answers, [node["value"] or 0.0 for node in finished]).winner
+    return equivalent(by_majority, gold), equivalent(by_value, gold)
 
 
 def per_problem_tokens(problem: dict, generator: str) -> dict[str, float]:

@@ -47,10 +47,10 @@ from dataclasses import replace
 from typing import Protocol, Sequence
 
 from .answers import extract_answer, vote
-from .engine.base import Branch, Engine, PonderError, SamplingParams, ScoreUnsupportedError, Usage
+from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from .prompts import DEFAULT_PROMPT, MathPrompt
 from .steps import states_answer
-from .verifiers.llm import p_yes, read_verdict
+from .verifiers.llm import reply_p_yes
 
 SCORERS = ("judge", "probe", "logprob")
 DEFAULT_JUDGE = "qwen2.5-1.5b"
@@ -130,14 +130,9 @@ class JudgeScorer(Scorer):
             (asked,) = await reader.fork(1)
             try:
                 await asked.append(JUDGE_TURN)
-                try:
-                    yes = await asked.score("Yes")
-                    no = await asked.score("No")
-                except ScoreUnsupportedError:  # a server without prompt logprobs: one greedy token of the reply
-                    return await read_verdict(asked)
+                return await reply_p_yes(asked)
             finally:
                 asked.release()
-        return p_yes(yes, no)
 
     async def _reader(self, question: str, partial: Partial) -> Branch:
         """The judge's branch holding the prompt and ``partial``'s steps."""

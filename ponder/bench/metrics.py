@@ -136,16 +136,17 @@ def summarize(strategy: str, records: Sequence[dict]) -> RunMetrics:
         raise ValueError("no finished problems to summarize")
     correct = sum(bool(r["correct"]) for r in records)
     generated = sum(r["usage"]["generated_tokens"] for r in records)
+    prompt = sum(r["usage"]["prompt_tokens"] for r in records) / count
     elapsed = _elapsed(records)
     metrics = RunMetrics(
         problems=count, correct=correct, accuracy=correct / count, ci95=wilson_interval(correct, count),
         branches=sum(len(r["branches"]) for r in records) / count,
-        prompt_tokens=sum(r["usage"]["prompt_tokens"] for r in records) / count,
+        prompt_tokens=prompt,
         generated_tokens=generated / count,
         probe_tokens=_mean_usage(records, "probe_tokens"),
         scored_tokens=_mean_usage(records, "scored_tokens"),
         drafted_tokens=_mean_usage(records, "drafted_tokens"),
-        prompt_computed=_mean_usage(records, "prompt_tokens") - _mean_usage(records, "prompt_tokens_cached"),
+        prompt_computed=prompt - _mean_usage(records, "prompt_tokens_cached"),
         latency_s=sum(r["wall_s"] for r in records) / count,
         wall_s=elapsed / count,
         tokens_per_s=generated / elapsed if elapsed > 0 else 0.0,

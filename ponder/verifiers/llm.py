@@ -63,6 +63,16 @@ async def read_verdict(asked: Branch) -> float:
     return p_yes_from_alternatives(asked.last_top_logprobs)
 
 
+async def reply_p_yes(asked: Branch) -> float:
+    """P(Yes) of the reply that would follow ``asked`` (a branch that ends where the reply starts): from the scores of
+    the two one-token replies, or, on an engine that cannot score, from the first generated token's alternatives."""
+    try:
+        yes, no = await asyncio.gather(asked.score("Yes"), asked.score("No"))
+    except ScoreUnsupportedError:
+        return await read_verdict(asked)
+    return p_yes(yes, no)
+
+
 def judge_messages(question: str, solution: str) -> list[Message]:
     content = f"{JUDGE_INSTRUCTION}\n\nProblem:\n{question.strip()}\n\nProposed solution:\n{solution.strip()}"
     return [{"role": "user", "content": content}]
@@ -96,10 +106,6 @@ class JudgeVerifier:
     async def score(self, question: str, candidate: Branch) -> float:
         prompt = await self.engine.open(judge_messages(question, candidate.text), candidate.usage, model=self.judge)
         try:
-            try:
-                yes, no = await asyncio.gather(prompt.score("Yes"), prompt.score("No"))
-            except ScoreUnsupportedError:
-                return await read_verdict(prompt)  # the prompt ends with the chat template's assistant turn
-            return p_yes(yes, no)
+            return await reply_p_yes(prompt)  # the prompt ends with the chat template's assistant turn
         finally:
             prompt.release()
