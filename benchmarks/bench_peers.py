@@ -124,7 +124,9 @@ def main() -> int:
             runner = PonderRunner(SYSTEMS[system][1], None, settings)
             run_system(args.out_dir, system, runner, problems, dataset, config, None)
 
-    table = render_table(args.out_dir, systems, config, problems)
+    # Every system with results under these settings, not only this command's: a run of one system must not drop the
+    # others from the directory's table.
+    table = render_table(args.out_dir, systems_with_results(args.out_dir, config), config, problems)
     print(table)
     (args.out_dir / "table.md").write_text(table)
     return 0
@@ -189,6 +191,16 @@ def pending(out_dir: Path, system: str, problems, config: dict) -> bool:
         print(f"{system}: skipped, it failed on every problem it tried ({rows[0]['error']})", flush=True)
         return False
     return not {p.id for p in problems} <= {r["id"] for r in rows}
+
+
+def systems_with_results(out_dir: Path, config: dict) -> list[str]:
+    """The systems (in ``SYSTEMS`` order) whose results file in ``out_dir`` was written with ``config``."""
+    shown = []
+    for system in SYSTEMS:
+        header, _ = read_results(out_dir, system)
+        if header is not None and header["config"] == config:
+            shown.append(system)
+    return shown
 
 
 def run_system(out_dir: Path, system: str, runner, problems, dataset, config: dict,

@@ -9,11 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_peers import render_table, render_targets  # noqa: E402
+from benchmarks.bench_peers import render_table, render_targets, systems_with_results  # noqa: E402
 
 
-def write(out_dir: Path, system: str, rows: list[dict]) -> None:
-    lines = [{"system": system, "config": {}, "versions": {system.split("-")[0]: "1.0"}}, *rows]
+def write(out_dir: Path, system: str, rows: list[dict], config: dict | None = None) -> None:
+    lines = [{"system": system, "config": config or {}, "versions": {system.split("-")[0]: "1.0"}}, *rows]
     (out_dir / f"{system}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -54,3 +54,13 @@ def test_misses_are_named_and_only_shared_problems_count():
 def test_different_methods_are_not_compared():
     results = {"optillm-bon": by_id(row("a", True, 40, 1000)), "ponder-sc": by_id(row("a", True, 1, 1))}
     assert target_rows(render_targets(results)) == {}
+
+
+def test_the_table_keeps_every_system_run_under_the_same_settings(tmp_path):
+    # A later command that runs one system rewrites table.md: the systems run before it stay in it, a file written
+    # with other settings stays out, and the rows come in the registry's order.
+    write(tmp_path, "ponder-sc", [row("a", True, 30, 900)])
+    write(tmp_path, "its_hub-sc", [row("a", True, 40, 1000)])
+    write(tmp_path, "optillm-sc", [row("a", True, 40, 1000)], config={"n": 3})
+    (tmp_path / "ponder-bon.jsonl").write_text("")  # cut off before its header
+    assert systems_with_results(tmp_path, {}) == ["its_hub-sc", "ponder-sc"]
