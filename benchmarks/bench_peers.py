@@ -19,9 +19,11 @@ What runs:
 
 Every final answer is scored by ponder's checker (math-verify equivalence). Each system's rows go to
 ``OUT_DIR/SYSTEM.jsonl`` (a header with the settings and versions, then one row per problem), so a run that was
-stopped resumes where it was; a file written with other settings is refused rather than mixed. The table
-(accuracy with its Wilson 95 % interval, upstream requests and tokens per problem as the proxy counted them, the
-system's own reported usage, wall seconds per problem) is printed and written to ``OUT_DIR/table.md``.
+stopped resumes where it was; a file written with other settings is refused rather than mixed. The table of every
+system with results in OUT_DIR under these settings (accuracy with its Wilson 95 % interval, upstream requests and
+tokens per problem as the proxy counted them, the system's own reported usage, wall seconds per problem) is printed
+and written to ``OUT_DIR/table.md``. It does not know when each file was written: compare wall times only between
+runs made side by side.
 
 Where the systems cannot be made alike, the table's notes say so: optillm's ``self_consistency`` always draws 5
 samples at temperature 1 and groups whole texts by string similarity, its ``bon`` samples at temperature 1 and asks
