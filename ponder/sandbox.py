@@ -20,19 +20,36 @@ What the program sees:
 * importable: the standard library, plus numpy, sympy and mpmath from ponder's own environment when installed there,
   each bound read-only under ``/sandbox/packages`` (the rest of that environment, the interpreter's own
   site-packages and the ``.pth`` files of either stay out of reach: ``-S`` skips the site module);
-* writable: ``/tmp``, its working directory, a private tmpfs of ``Limits.scratch_mb``; a minimal read-only ``/dev``;
+* writable: ``/tmp``, its working directory, a private tmpfs of ``Limits.scratch_mb`` and ``Limits.scratch_files``
+  inodes; a minimal read-only ``/dev``;
 * nothing else: no ``/etc``, no home, no ``/proc``, no project tree, no model cache.
 
-Limits: CPU seconds, address space, open files and the size of any file it writes (rlimits, set by
-``sandbox_child.py``); stdout and stderr are files outside the sandbox, passed as descriptors, so the file-size limit
-caps what it prints and the program cannot replace them. A seccomp filter refuses to create processes or threads
-(``fork``, ``vfork``, ``clone``, ``clone3``): the program runs as one process, so it cannot fork-bomb (RLIMIT_NPROC
-would not do: it does not apply when the sandbox's user maps to root outside, as it does when ponder runs as root),
-and ``exec`` only replaces it within the same sandbox. The filter also refuses kernel interfaces a program never needs
-and exploits often use (io_uring, bpf, perf events, userfaultfd, keyrings). Being alone, the program is its PID
-namespace's init (``--as-pid-1``: no reaper is needed, and bwrap itself reaps the program, so no zombie is left to an
-init that may not reap); one consequence is that a signal it sends itself without a handler is ignored. At the
-wall-clock timeout the program is killed, which ends its PID namespace and everything in it.
+Limits, each enforced by the kernel (docs/sandbox.md has the table, with and without cgroups):
+
+* rlimits, set by ``sandbox_child.py``: CPU seconds, address space, open files, the size of any file it writes;
+* its ``/tmp`` is a tmpfs bounded in size and in inodes (``Limits.scratch_files``: each costs kernel memory the size
+  does not count), mounted by ponder in the run's own mount namespace (``unshare``, then ``mount``), since bwrap's
+  ``--tmpfs`` takes a size only;
+* where this process may make cgroups (as root, or delegated), a cgroup per run whose memory limit also counts what
+  the kernel holds for the program (page cache, tmpfs, dentries, pipe buffers) and whose pids limit bounds its
+  processes (``sandbox_cgroup.py``);
+* stdout and stderr are pipes that ponder reads up to ``Limits.output_kb`` each: the program cannot make ponder read
+  more, or make the host allocate anything for them; a program that prints more is killed.
+
+A seccomp filter refuses to create processes or threads (``fork``, ``vfork``, ``clone``, ``clone3``): the program
+runs as one process, so it cannot fork-bomb (RLIMIT_NPROC would not do: it does not apply when the sandbox's user
+maps to root outside, as it does when ponder runs as root), and ``exec`` only replaces it within the same sandbox.
+It refuses what would hold host memory that no rlimit counts, so that this holds without cgroups too: System V IPC
+and POSIX message queues (the private IPC namespace only frees them when the run ends), extended attributes (kernel
+memory per file), inotify and fanotify watches. It refuses ``fallocate``, the ``chmod`` and ``chown`` families and
+file leases (nothing a computation needs, and each reshapes a file or its metadata outside what the limits see),
+sockets of any family but ``AF_UNIX`` (``AF_VSOCK`` reaches the hypervisor of a virtual machine from any network
+namespace, ``AF_NETLINK`` and ``AF_PACKET`` the kernel), and kernel interfaces a program never needs and exploits
+often use (io_uring, bpf, perf events, userfaultfd, keyrings). Being alone, the program is its PID namespace's init
+(``--as-pid-1``: no reaper is needed, and bwrap itself reaps the program, so no zombie is left to an init that may
+not reap); one consequence is that a signal it sends itself without a handler is ignored. At the wall-clock timeout
+the program is killed, which ends its PID, IPC and mount namespaces and everything in them; ponder then removes the
+run's cgroups and directory.
 
 Where bwrap cannot isolate (no unprivileged user namespaces, no binary), ``run_python`` refuses with a ``PonderError``
 that says how to enable it, unless ``PONDER_UNSAFE_UNSANDBOXED_CODE=1`` opts in to running programs directly with the
@@ -59,6 +76,7 @@ from functools import cache
 from pathlib import Path
 
 from .engine.base import PonderError
+from .sandbox_cgroup import RunCgroup
 
 UNSANDBOXED_OPT_IN = "PONDER_UNSAFE_UNSANDBOXED_CODE"
 CHILD = Path(__file__).with_name("sandbox_child.py")
@@ -68,14 +86,54 @@ IMPORTABLE = ("numpy", "sympy", "mpmath")
 ENV = {"LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SANDBOX_UID = "65534"  # nobody
 
-# Syscalls the seccomp filter refuses, per CPU architecture: (AUDIT_ARCH_* of the native ABI, syscall numbers).
-# Numbers from the kernel's asm/unistd_64.h (x86_64) and asm-generic/unistd.h (aarch64).
-REFUSED_SYSCALLS = {
-    # clone clone3 fork vfork | io_uring_setup bpf perf_event_open userfaultfd add_key request_key keyctl
-    "x86_64": (0xC000003E, (56, 435, 57, 58, 425, 321, 298, 323, 248, 249, 250)),
-    "aarch64": (0xC00000B7, (220, 435, 425, 280, 241, 282, 217, 218, 219)),  # it has no fork or vfork
+# The run's first process, in the run's own mount namespace: "MOUNT OPTIONS DIRECTORY" mounts the sandbox's /tmp
+# there ("- - -": bwrap makes it), the cgroup.procs files up to "--" move it into the run's cgroups, and the rest is
+# the bwrap command it execs.
+SETUP_SCRIPT = """
+if [ "$1" != - ]; then "$1" -t tmpfs -o "$2" ponder-scratch "$3" || exit 125; fi
+shift 3
+while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done
+shift
+exec "$@"
+"""
+
+# Native ABI of each CPU architecture ponder has a seccomp filter for: AUDIT_ARCH_*, and the numbers of the syscalls
+# the filter names, from the kernel's asm/unistd_64.h (x86_64) and asm-generic/unistd.h (aarch64). aarch64 has no
+# fork, vfork, chmod, chown, lchown or inotify_init: only their *at / *1 forms.
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+SYSCALL_NUMBERS = {
+    "x86_64": {
+        "clone": 56, "clone3": 435, "fork": 57, "vfork": 58, "io_uring_setup": 425, "bpf": 321,
+        "perf_event_open": 298, "userfaultfd": 323, "add_key": 248, "request_key": 249, "keyctl": 250,
+        "shmget": 29, "msgget": 68, "semget": 64, "mq_open": 240, "setxattr": 188, "lsetxattr": 189,
+        "fsetxattr": 190, "setxattrat": 463, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300,
+        "fallocate": 285, "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93,
+        "lchown": 94, "fchownat": 260, "socket": 41, "socketpair": 53, "fcntl": 72,
+    },
+    "aarch64": {
+        "clone": 220, "clone3": 435, "io_uring_setup": 425, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+        "add_key": 217, "request_key": 218, "keyctl": 219, "shmget": 194, "msgget": 186, "semget": 190,
+        "mq_open": 180, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "setxattrat": 463, "inotify_init1": 26,
+        "fanotify_init": 262, "fallocate": 47, "fchmod": 52, "fchmodat": 53, "fchmodat2": 452, "fchown": 55,
+        "fchownat": 54, "socket": 198, "socketpair": 199, "fcntl": 25,
+    },
 }
+# Refused outright (EPERM), where the architecture has them.
+REFUSED_SYSCALLS = (
+    "clone", "clone3", "fork", "vfork",  # processes and threads
+    # what holds host memory that no rlimit counts: System V IPC and POSIX message queues (each kind is refused at
+    # its creation, so nothing else has an object to act on), extended attributes, inotify and fanotify watches
+    "shmget", "msgget", "semget", "mq_open", "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "inotify_init",
+    "inotify_init1", "fanotify_init",
+    # what reshapes a file or its metadata beyond the limits: allocation past its size, modes (set-id bits), owners
+    "fallocate", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    # kernel interfaces a program never needs and exploits often use
+    "io_uring_setup", "bpf", "perf_event_open", "userfaultfd", "add_key", "request_key", "keyctl",
+)
+AF_UNIX, F_SETLEASE = 1, 1024
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same syscalls under other numbers, refused as a whole
+# The sandbox's /tmp as ponder mounts it: bwrap binds it, nosuid and nodev, and the user it maps owns it.
+SCRATCH_OPTIONS = "size={size},nr_inodes={inodes},mode=1777"
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +142,16 @@ log = logging.getLogger(__name__)
 class Limits:
     timeout_s: float = 10.0  # wall clock, then the sandbox is killed
     cpu_s: int = 5
-    memory_mb: int = 1024  # address space
+    memory_mb: int = 1024  # address space; with cgroups, also all the memory the run makes the host hold
     open_files: int = 64
-    output_kb: int = 1024  # largest file the program may write, its stdout and stderr included
+    output_kb: int = 1024  # what ponder reads of its stdout, and of its stderr; the largest file it may write
     scratch_mb: int = 16  # size of its writable /tmp
+    scratch_files: int = 4096  # files and directories its /tmp may hold (inodes)
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"sandbox limit {name} must be positive, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -102,40 +166,92 @@ class Outcome:
         return self.returncode == 0
 
 
+class OutputCapReached(Exception):
+    """The program printed more than ``Limits.output_kb`` on one of its outputs."""
+
+
 async def run_python(code: str, limits: Limits = Limits()) -> Outcome:
-    """Run ``code`` as a program in the sandbox and return what it printed."""
+    """Run ``code`` as a program in the sandbox and return what it printed (at most ``limits.output_kb`` of each
+    output: a program that prints more is killed, and the outcome holds what it printed up to the cap)."""
     bwrap = sandbox_bwrap()
     with tempfile.TemporaryDirectory(prefix="ponder-sandbox-") as tmp:
-        # The outputs sit beside the program, outside the sandbox: it writes them through its stdout and stderr only.
-        program, stdout, stderr = Path(tmp, "main.py"), Path(tmp, "stdout"), Path(tmp, "stderr")
+        program = Path(tmp, "main.py")
         program.write_text(code, encoding="utf-8")
-        namespace_info = None  # bwrap writes the host PID of the sandbox's init there
-        if bwrap is None:
-            work_dir = Path(tmp, "work")
-            work_dir.mkdir()
-            command, pass_fds = unsandboxed_command(program, limits), ()
-        else:
-            seccomp, (namespace_info, info_write) = seccomp_pipe(), os.pipe()
-            command, work_dir = bwrap_command(bwrap, seccomp, program, limits, info_fd=info_write), None
-            pass_fds = (seccomp, info_write)
+        # Descriptors: [ours, ...] are read and closed here; [theirs, ...] are the child's, closed once it has them.
+        (stdout_read, stdout_write), (stderr_read, stderr_write) = os.pipe(), os.pipe()
+        ours, theirs = [stdout_read, stderr_read], [stdout_write, stderr_write]
+        namespace_info, cgroup = None, None  # bwrap writes the host PID of the sandbox's init to namespace_info
         try:
-            with stdout.open("wb") as out, stderr.open("wb") as err:
-                proc = await asyncio.create_subprocess_exec(
-                    *command, cwd=work_dir, env=ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    pass_fds=pass_fds, start_new_session=True)  # its own process group, killed as a whole
+            if bwrap is None:
+                work_dir = Path(tmp, "work")
+                work_dir.mkdir()
+                command, pass_fds = unsandboxed_command(program, limits), ()
+            else:
+                scratch = Path(tmp, "scratch")  # the mount point of its /tmp
+                scratch.mkdir()
+                cgroup = RunCgroup.make(limits.memory_mb)
+                seccomp, (namespace_info, info_write) = seccomp_pipe(), os.pipe()
+                ours.append(namespace_info)
+                theirs += [seccomp, info_write]
+                command = sandbox_command(bwrap, seccomp, program, scratch, limits, info_fd=info_write,
+                                          cgroup_procs=cgroup.procs_files if cgroup else ())
+                work_dir, pass_fds = None, (seccomp, info_write)
+            proc = await asyncio.create_subprocess_exec(
+                *command, cwd=work_dir, env=ENV, stdin=subprocess.DEVNULL, stdout=stdout_write, stderr=stderr_write,
+                pass_fds=pass_fds, start_new_session=True)  # its own process group, killed as a whole
+            while theirs:  # closed here, so that the outputs end when the program's copies are gone
+                os.close(theirs.pop())
+            stdout, stderr, cap = bytearray(), bytearray(), limits.output_kb << 10
+            reading = [asyncio.ensure_future(_read_at_most(stdout_read, stdout, cap)),
+                       asyncio.ensure_future(_read_at_most(stderr_read, stderr, cap))]
             try:
-                returncode = await asyncio.wait_for(proc.wait(), limits.timeout_s)
+                returncode = await asyncio.wait_for(_outputs_then_exit(proc, reading), limits.timeout_s)
             except asyncio.TimeoutError:
                 returncode = None
+            except OutputCapReached:
+                returncode = 128 + signal.SIGKILL  # what it is killed with below
             finally:
+                for task in reading:
+                    task.cancel()
                 await _kill_what_is_left(proc, namespace_info)
         finally:
-            for fd in (*pass_fds, namespace_info):
-                if fd is not None:
-                    os.close(fd)
+            for fd in ours + theirs:
+                os.close(fd)
+            if cgroup is not None:
+                await cgroup.remove()
         if returncode is not None and returncode < 0:  # killed by a signal, when run without bwrap
             returncode = 128 - returncode
         return Outcome(_text(stdout), _text(stderr), returncode, returncode is None)
+
+
+async def _read_at_most(fd: int, into: bytearray, cap: int) -> None:
+    """Read the pipe ``fd`` to its end into ``into``, never past ``cap`` bytes: ``OutputCapReached`` if it holds
+    more. Each read asks for no more than what is left under the cap, so ponder's memory stays bounded."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, cap + 1 - len(into))
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not chunk:
+            return
+        into += chunk
+        if len(into) > cap:
+            del into[cap:]
+            raise OutputCapReached
+
+
+async def _outputs_then_exit(proc: asyncio.subprocess.Process, reading: list[asyncio.Future]) -> int:
+    for task in asyncio.as_completed(reading):  # the first to fail ends the wait at once
+        await task
+    return await proc.wait()
 
 
 async def _kill_what_is_left(proc: asyncio.subprocess.Process, namespace_info: int | None) -> None:
@@ -218,15 +334,18 @@ def probe(bwrap: str) -> str | None:
     """None when ``bwrap`` runs a program in the sandbox on this machine, else what went wrong (one line).
 
     Run once per bwrap and process: the machine does not change while ponder runs."""
-    if platform.machine() not in REFUSED_SYSCALLS:
-        return f"ponder has no seccomp filter for this CPU ({platform.machine()}): only {', '.join(REFUSED_SYSCALLS)}"
+    if platform.machine() not in AUDIT_ARCH:
+        return f"ponder has no seccomp filter for this CPU ({platform.machine()}): only {', '.join(AUDIT_ARCH)}"
+    if not os.access(bwrap, os.X_OK):  # said here: the shell that would exec it says it less clearly
+        return f"cannot run it: {os.strerror(errno.EACCES if os.path.exists(bwrap) else errno.ENOENT)}"
     with tempfile.TemporaryDirectory(prefix="ponder-sandbox-probe-") as tmp:
-        program = Path(tmp, "main.py")
+        program, scratch = Path(tmp, "main.py"), Path(tmp, "scratch")
         program.write_text("print(6 * 7)")
+        scratch.mkdir()
         seccomp = seccomp_pipe()
         try:
-            done = subprocess.run(bwrap_command(bwrap, seccomp, program, Limits()), env=ENV, pass_fds=(seccomp,),
-                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+            done = subprocess.run(sandbox_command(bwrap, seccomp, program, scratch, Limits()), env=ENV,
+                                  pass_fds=(seccomp,), stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         except OSError as exc:
             return f"cannot run it: {exc.strerror or exc}"
         except subprocess.TimeoutExpired:
@@ -239,23 +358,63 @@ def probe(bwrap: str) -> str | None:
     return said[-1] if said else f"exit status {done.returncode}"
 
 
-def bwrap_command(bwrap: str, seccomp_fd: int, program: Path, limits: Limits,
-                  info_fd: int | None = None) -> list[str]:
-    """The command line that runs ``program`` in the sandbox, its seccomp filter read from ``seccomp_fd``; bwrap
-    writes the host PID of the program and its namespaces to ``info_fd`` as JSON."""
+def sandbox_command(bwrap: str, seccomp_fd: int, program: Path, scratch: Path, limits: Limits,
+                    info_fd: int | None = None, cgroup_procs: list[Path] | tuple = ()) -> list[str]:
+    """The command line that runs ``program`` in the sandbox: in its own mount namespace, where ``scratch`` (an
+    empty directory) becomes the bounded tmpfs that is the sandbox's /tmp, a shell joins the run's cgroups
+    (``cgroup_procs``: their ``cgroup.procs`` files) and execs bwrap; bwrap reads the seccomp filter from
+    ``seccomp_fd`` and writes the host PID of the program and its namespaces to ``info_fd`` as JSON."""
+    mount_namespace = scratch_mount_namespace()
+    if mount_namespace is None:  # bwrap makes /tmp, bounded in size only
+        unshare, scratch_setup = [], ["-", "-", "-"]
+        scratch_mount = ["--size", str(limits.scratch_mb << 20), "--tmpfs", "/tmp"]
+    else:
+        (unshare, mount), options = mount_namespace, SCRATCH_OPTIONS.format(size=limits.scratch_mb << 20,
+                                                                            inodes=limits.scratch_files)
+        scratch_setup, scratch_mount = [mount, options, str(scratch)], ["--bind", str(scratch), "/tmp"]
     return [
+        *unshare, "/bin/sh", "-c", SETUP_SCRIPT, "sh", *scratch_setup, *map(str, cgroup_procs), "--",
         bwrap, *(["--info-fd", str(info_fd)] if info_fd is not None else []),
         "--unshare-all", "--unshare-user", "--disable-userns", "--uid", SANDBOX_UID, "--gid", SANDBOX_UID,
         "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--as-pid-1",
         *system_mounts(),
         "--ro-bind", str(CHILD), "/sandbox/child.py", "--ro-bind", str(program), "/sandbox/main.py",
         "--dev", "/dev", "--remount-ro", "/dev",
-        "--size", str(limits.scratch_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+        *scratch_mount, "--chdir", "/tmp",
         "--remount-ro", "/",  # the root bwrap builds the tree on; /tmp stays writable (not recursive)
         "--seccomp", str(seccomp_fd),
         INTERPRETER, "-I", "-S", "-B", "/sandbox/child.py", *limit_arguments(limits), "/sandbox/main.py",
         "/sandbox/packages",
     ]
+
+
+@cache
+def scratch_mount_namespace() -> tuple[list[str], str] | None:
+    """The ``unshare`` command that gives a run its own mount namespace, where ponder mounts the sandbox's /tmp with
+    an inode limit (bwrap's ``--tmpfs`` takes a size only), and the ``mount`` command; None where that does not work.
+
+    As root, a mount namespace is enough; otherwise it also needs a user namespace of its own (where the user is
+    root, and may mount a tmpfs), as bwrap makes for itself. The namespace, and with it the tmpfs, ends with the
+    run: nothing is mounted on the host."""
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
+    if unshare is None or mount is None:
+        log.warning("no unshare or mount command (util-linux): the sandbox's /tmp is bounded in size, but its "
+                    "files only by the memory cgroup, where there is one")
+        return None
+    command = [unshare, *(["--user", "--map-root-user"] if os.geteuid() != 0 else []), "--mount", "--propagation",
+               "private"]
+    with tempfile.TemporaryDirectory(prefix="ponder-sandbox-probe-") as scratch:
+        try:
+            done = subprocess.run([*command, "/bin/sh", "-c", SETUP_SCRIPT, "sh", mount, "size=1m,nr_inodes=16",
+                                   scratch, "--", "true"], env=ENV, capture_output=True, timeout=30)
+            failure = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            done, failure = None, str(exc)
+    if done is not None and done.returncode == 0:
+        return command, mount
+    log.warning("cannot mount the sandbox's /tmp with an inode limit (%s): it is bounded in size, but its files "
+                "only by the memory cgroup, where there is one", failure)
+    return None
 
 
 def unsandboxed_command(program: Path, limits: Limits) -> list[str]:
@@ -314,28 +473,43 @@ def seccomp_pipe() -> int:
 
 @cache
 def seccomp_filter() -> bytes:
-    """A classic-BPF seccomp program: syscalls of another ABI and those of ``REFUSED_SYSCALLS`` fail with EPERM.
+    """A classic-BPF seccomp program: syscalls of another ABI and those of ``REFUSED_SYSCALLS`` fail with EPERM,
+    ``socket`` and ``socketpair`` of any family but ``AF_UNIX`` with EAFNOSUPPORT, ``fcntl(F_SETLEASE)`` with EPERM.
 
     Each instruction is ``struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}``; the filter reads ``struct
-    seccomp_data`` (``nr`` at offset 0, ``arch`` at 4). Jumps count the instructions they skip: each test
-    below skips (or not) the single "refuse" that follows it.
+    seccomp_data`` (``nr`` at offset 0, ``arch`` at 4, the arguments as 64-bit words from 16: the family and the
+    command are ints, so their low words, first on these little-endian CPUs, are what the kernel uses). Jumps count
+    the instructions they skip.
     """
     machine = platform.machine()
-    arch, refused = REFUSED_SYSCALLS[machine]
+    numbers = SYSCALL_NUMBERS[machine]
     load_word, jump_if_equal, jump_if_at_least, give = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JGE|K, RET|K
-    allow, refuse = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    allow = 0x7FFF0000  # SECCOMP_RET_ALLOW
+
+    def refuse(error: int) -> int:
+        return 0x00050000 | error  # SECCOMP_RET_ERRNO
 
     def op(code: int, k: int, skip_if_true: int = 0, skip_if_false: int = 0) -> bytes:
         return struct.pack("=HBBI", code, skip_if_true, skip_if_false, k)
 
-    program = [op(load_word, 4), op(jump_if_equal, arch, skip_if_true=1), op(give, refuse), op(load_word, 0)]
+    def argument_rule(syscall: str, argument: int, value: int, if_equal: int, otherwise: int) -> list[bytes]:
+        """Decide ``syscall`` by whether its ``argument`` equals ``value``; other syscalls go on to what follows."""
+        return [op(jump_if_equal, numbers[syscall], skip_if_false=4), op(load_word, 16 + 8 * argument),
+                op(jump_if_equal, value, skip_if_false=1), op(give, if_equal), op(give, otherwise)]
+
+    program = [op(load_word, 4), op(jump_if_equal, AUDIT_ARCH[machine], skip_if_true=1), op(give, refuse(errno.EPERM)),
+               op(load_word, 0)]
     if machine == "x86_64":
-        program += [op(jump_if_at_least, X32_SYSCALL_BIT, skip_if_false=1), op(give, refuse)]
-    for number in refused:
-        program += [op(jump_if_equal, number, skip_if_false=1), op(give, refuse)]
+        program += [op(jump_if_at_least, X32_SYSCALL_BIT, skip_if_false=1), op(give, refuse(errno.EPERM))]
+    for name in REFUSED_SYSCALLS:
+        if name in numbers:
+            program += [op(jump_if_equal, numbers[name], skip_if_false=1), op(give, refuse(errno.EPERM))]
+    for syscall in ("socket", "socketpair"):
+        program += argument_rule(syscall, 0, AF_UNIX, allow, refuse(errno.EAFNOSUPPORT))
+    program += argument_rule("fcntl", 1, F_SETLEASE, refuse(errno.EPERM), allow)
     program.append(op(give, allow))
     return b"".join(program)
 
 
-def _text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _text(output: bytearray) -> str:
+    return output.decode("utf-8", errors="replace")

@@ -21,6 +21,9 @@ in for one:
   search's temperature: at 0 they all agree.
 * ``logprob`` -- free: exp of the mean token log-probability of the last step (its geometric-mean token
   probability). The search samples with ``logprobs=True`` for it.
+* ``hidden`` -- the generating model's correctness probe (``ponder.probes``) on the final hidden state after the
+  last step: one token evaluated per node (the step's last token, not yet in the KV cells), no sampling. The probe
+  was trained on finished solutions; on partial ones it reads how the solution is going so far.
 
 A value is the score of the partial solution as of its last step; ``aggregate`` turns the scores of every step of a
 path into the node's value: ``last`` (the last step's, as in search-and-learn's default and particle filtering),
@@ -50,17 +53,15 @@ from .answers import extract_answer, vote
 from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from .prompts import DEFAULT_PROMPT, MathPrompt
 from .steps import states_answer
-from .verifiers.llm import reply_p_yes
+from .verifiers.llm import DEFAULT_JUDGE, judge_turn, reply_p_yes
 
-SCORERS = ("judge", "probe", "logprob")
-DEFAULT_JUDGE = "qwen2.5-1.5b"
+SCORERS = ("judge", "probe", "logprob", "hidden")
 
 JUDGE_QUESTION = ("Are the reasoning steps so far correct, and are they on track to solve the problem? Reply with "
                   "Yes or No only.")
-# Closes the assistant's turn (the steps), asks as the user, and opens the reply, in ChatML: the chat markup of both
-# bundled models (Qwen2.5), which the engines' ``append`` reads as the special tokens it names. The reply's first
-# token is "Yes" or "No" (no leading space after the turn's newline).
-JUDGE_TURN = f"<|im_end|>\n<|im_start|>user\n{JUDGE_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+# Closes the assistant's turn (the steps), asks as the user, and opens the reply; the reply's first token is "Yes" or
+# "No" (no leading space after the turn's newline).
+JUDGE_TURN = judge_turn(JUDGE_QUESTION)
 JUDGE_REPLY_TOKENS = 2  # "Yes" and "No": one token each in the Qwen2.5 vocabulary
 # Judge calls in flight per run. Each holds two of the judge model's sequences (the question's fork, the score's
 # own), besides one per live node: bounded, two problems of a 16-wide search still fit the engine's 64 sequences.
@@ -206,6 +207,18 @@ class LogprobScorer(Scorer):
         return math.exp(sum(logprobs) / len(logprobs))
 
 
+class HiddenScorer(Scorer):
+    """The model's correctness probe on the partial solution's final hidden state (see the module docstring)."""
+
+    name = "hidden"
+    reserve = 1  # the step's last token, evaluated to read the vector (counted as scored_tokens)
+
+    async def score(self, question: str, partial: Partial) -> float:
+        from .probes import probe_score
+
+        return await probe_score(partial.branch)
+
+
 AGGREGATIONS = {"last": lambda scores: scores[-1], "min": min, "prod": math.prod}
 
 
@@ -225,6 +238,8 @@ def get_scorer(name: str, *, engine: Engine, usage: Usage, judge: str = DEFAULT_
         return ProbeScorer(params, seed)
     if name == "logprob":
         return LogprobScorer()
+    if name == "hidden":
+        return HiddenScorer()
     raise PonderError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORERS)}")
 
 

@@ -23,7 +23,7 @@ from ponder.bench.runner import BenchConfig, ResultsFile, make_header, problem_s
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, Script
 from ponder.prompts import DEFAULT_TEMPLATE, MathPrompt
-from ponder.strategies import STRATEGIES
+from ponder.strategies import STRATEGIES, Strategy
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "bench_problems.jsonl"
@@ -258,7 +258,7 @@ def test_strategy_gets_the_config_and_a_per_problem_seed(tmp_path, monkeypatch):
         return await sc(engine, question, n=n, params=params, seed=seed)
 
     prompts = []
-    monkeypatch.setitem(STRATEGIES, "recording", recording)
+    monkeypatch.setitem(STRATEGIES, "recording", Strategy("recording", recording, "records its calls", "vote"))
     dataset = load_dataset(str(FIXTURE))
     config = BenchConfig("recording", 2, SamplingParams(temperature=0.3), seed=9, options={"depth": 4},
                          prompt=MathPrompt("You are terse."))

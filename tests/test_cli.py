@@ -48,8 +48,9 @@ def test_argument_errors_exit_2(argv, capsys):
 
 @pytest.mark.model
 def test_ask_json_on_the_bundled_model():
-    out = subprocess.run([sys.executable, "-m", "ponder.cli", "ask", "What is 6 times 7?", "--n", "2",
-                          "--max-tokens", "48", "--seed", "3", "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "ponder.cli", "ask", "What is 6 times 7?", "--strategy", "sc",
+                          "--n", "2", "--max-tokens", "48", "--seed", "3", "--json"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert set(result) >= {"answer", "votes", "branches", "usage", "model"}
@@ -63,7 +64,7 @@ def test_ask_json_on_the_bundled_model():
 
 @pytest.mark.parametrize("argv, message", [
     (["ask", "hi", "--strategy", "adaptive", "--option", "init=abc"], "option init: Input should be a valid integer"),
-    (["ask", "hi", "--option", "colour=blue"], "strategy 'sc' does not take option 'colour'"),
+    (["ask", "hi", "--option", "colour=blue"], "strategy 'auto' does not take option 'colour'"),
 ])
 def test_bad_strategy_options_are_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -85,8 +86,8 @@ def test_ask_asks_with_the_system_message_and_template_given(tmp_path, monkeypat
     monkeypatch.setattr(options, "load_engine", lambda *a, **k: engine)
     template = tmp_path / "template.txt"
     template.write_text("Question: {question}\nBox the answer.\n")
-    assert main(["ask", "What is 2+2?", "--n", "2", "--system", "You are terse.", "--prompt-template",
-                 str(template)]) == 0
+    assert main(["ask", "What is 2+2?", "--strategy", "sc", "--n", "2", "--system", "You are terse.",
+                 "--prompt-template", str(template)]) == 0
     assert capsys.readouterr().out == "4\n"
     assert engine.chats == [[{"role": "system", "content": "You are terse."},
                              {"role": "user", "content": "Question: What is 2+2?\nBox the answer."}]]
@@ -102,5 +103,5 @@ def test_engine_options_reach_the_engine(given, passed, monkeypatch, capsys):
         return RecordingEngine(["\\boxed{4}"])
 
     monkeypatch.setattr(options, "load_engine", load_engine)
-    assert main(["ask", "What is 2+2?", "--n", "1", *given]) == 0
+    assert main(["ask", "What is 2+2?", "--strategy", "sc", "--n", "1", *given]) == 0
     assert {k: v for k, v in asked.items() if k in ("prefix_cache_tokens", "n_threads")} == passed

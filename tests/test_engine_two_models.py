@@ -1,4 +1,4 @@
-"""Two bundled models in one engine (needs the ``large`` extra): one worker, text carried across, speculative
+"""Two bundled models in one engine: one worker, text carried across, speculative
 decoding that is lossless and rolls back what it rejects. Short generations, a few seconds each."""
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def fake_model(tmp_path, monkeypatch):
     monkeypatch.setenv("PONDER_HOME", str(tmp_path / "home"))
     joined = b"".join(blobs)
     model = models.BundledModel("tiny", "test model", "tiny.gguf", len(joined), hashlib.sha256(joined).hexdigest(),
-                                dists, extra=None)
+                                dists)
     return model, joined
 
 
@@ -51,7 +51,7 @@ def test_parts_join_in_numeric_order_and_verify(fake_model):
 
 def test_wrong_hash_leaves_no_file(fake_model):
     model, _ = fake_model
-    bad = models.BundledModel(model.name, "", model.filename, model.size, "0" * 64, model.distributions, None)
+    bad = models.BundledModel(model.name, "", model.filename, model.size, "0" * 64, model.distributions)
     with pytest.raises(PonderError, match="sha256"):
         models.assemble(bad)
     assert not models.cache_path(bad).exists()
@@ -61,8 +61,8 @@ def test_wrong_hash_leaves_no_file(fake_model):
 def test_missing_package_names_it(fake_model):
     model, _ = fake_model
     missing = models.BundledModel(model.name, "", model.filename, model.size, model.sha256,
-                                  model.distributions + ("ponder-test-model-part12",), extra="large")
-    with pytest.raises(PonderError, match=r"ponder-test-model-part12 is not installed.*ponder\[large\]"):
+                                  model.distributions + ("ponder-test-model-part12",))
+    with pytest.raises(PonderError, match=r"ponder-test-model-part12 is not installed.*reinstall ponder"):
         models.assemble(missing)
 
 

@@ -42,22 +42,28 @@ class ScriptedCompletions:
         self.alternatives: dict[str, float] = {}  # listed beside every token in top_logprobs
         self.failures, self.failure_status, self.delay = 0, 503, 0.0
         self.break_after: int | None = None  # words streamed before the connection breaks
+        self.hang_s = 0.0  # a hung process: every endpoint (the model list too) answers this late
+        self.max_n: int | None = None  # refuse more choices per request, as llama-server does beyond its slots
         self.cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens when set
         self.bodies: list[dict] = []
         self.app = FastAPI()
 
         @self.app.get("/v1/models")
         async def models():
+            await asyncio.sleep(self.hang_s)
             return {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}
 
         @self.app.post("/v1/completions")
         async def completions(request: Request):
             body = await request.json()
             self.bodies.append(body)
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay + self.hang_s)
             if self.failures > 0:
                 self.failures -= 1
                 return JSONResponse({"error": {"message": "overloaded, try again"}}, status_code=self.failure_status)
+            if self.max_n is not None and body.get("n", 1) > self.max_n:
+                message = f"Field 'n': Value must be between 1 <= value <= {self.max_n}, but got {body['n']}"
+                return JSONResponse({"error": {"code": 400, "message": message}}, status_code=400)
             n = body.get("n", 1) if self.honours_n else 1
             logprobs = self.honours_logprobs and bool(body.get("logprobs"))
             if body.get("stream"):
@@ -516,3 +522,114 @@ def test_questions_in_their_own_event_loops_close_their_connections_cleanly(scri
         gc.collect()
     engine.close()
     assert not [r for r in caplog.records if "Event loop is closed" in str(r.exc_info and r.exc_info[1])]
+
+
+def test_hidden_states_are_a_typed_unsupported_error(scripted):
+    from ponder.engine.base import HiddenUnsupportedError
+
+    _, served = scripted()
+    engine = OpenAIEngine([served.url], None)
+
+    async def go():
+        branch = await engine.open("q")
+        try:
+            await branch.hidden()
+        finally:
+            branch.release()
+
+    with pytest.raises(HiddenUnsupportedError, match="returns no hidden states"):
+        asyncio.run(go())
+    engine.close()
+
+
+def test_a_stream_lost_mid_way_resumes_on_the_other_server(scripted):
+    (first, one), (second, two) = scripted(), scripted()
+    engine = OpenAIEngine([one.url, two.url])
+    first.break_after, first.bodies, second.bodies = 2, [], []
+
+    async def run():
+        usage = Usage()
+        root = await engine.open("Q: 2+2? A:", usage)
+        (branch,) = await root.fork(1)
+        await branch.extend(SamplingParams(max_tokens=64))
+        root.release()
+        branch.release()
+        return branch, usage
+
+    branch, usage = asyncio.run(run())
+    # Two words from the first server, then the rest of the extend from the second, from the text so far.
+    assert branch.text == "The answer" + "The answer is 4." and branch.finish_reason == "stop"
+    resumed = second.bodies[-1]
+    assert resumed["prompt"].endswith("Q: 2+2? A:The answer") and resumed["max_tokens"] == 62
+    assert len(branch.tokens) == 2 + 5 and usage.generated_tokens == 1 + 2 + 6  # the open's token; the end token
+    assert engine.faults["resumed"] == 1 and engine.stats().live_branches == 0
+
+
+def test_a_stream_that_keeps_breaking_is_resumed_at_most_retries_times(scripted):
+    backend, served = scripted()
+    engine = OpenAIEngine([served.url], retries=2)
+    backend.break_after = 1
+
+    async def run():
+        root = await engine.open("Q: 2+2? A:")
+        (branch,) = await root.fork(1)
+        try:
+            await branch.extend(SamplingParams(max_tokens=64))
+        finally:
+            root.release()
+            branch.release()
+        return branch
+
+    with pytest.raises(RemoteUnavailableError, match="resumed 2 times"):
+        asyncio.run(run())
+    assert engine.faults["resumed"] == 2
+
+
+def test_a_hung_server_is_abandoned_a_busy_one_waited_for(scripted, monkeypatch):
+    monkeypatch.setattr("ponder.engine.openai.PING_S", 0.3)
+    (first, one), (second, two) = scripted(), scripted()
+    engine = OpenAIEngine([one.url, two.url], stall_timeout=0.3)
+    first.bodies, second.bodies = [], []
+    first.delay = 1.0  # busy: silent for longer than stall_timeout, but it answers the ping
+    asyncio.run(engine.open("a prompt"))
+    assert (first.hits, second.hits) == (1, 0) and engine.faults["hung"] == 0
+
+    first.delay, first.hang_s = 0.0, 3.0  # hung: silent, and the ping goes unanswered too
+    started = time.perf_counter()
+    root = asyncio.run(engine.open("a prompt"))
+    assert time.perf_counter() - started < 2.0 and root.server.url == two.url + "/v1"
+    assert engine.faults["hung"] == 1 and engine.faults["retries"] == 1
+    first.hang_s = 0.0
+
+
+def test_a_server_answering_503_is_set_aside(scripted):
+    (first, one), (second, two) = scripted(), scripted()
+    engine = OpenAIEngine([one.url, two.url])
+    first.bodies, second.bodies, first.failures = [], [], 100
+    for _ in range(3):
+        asyncio.run(engine.open("a prompt"))
+    assert (first.hits, second.hits) == (1, 3)  # one 503, retried on the other; then the other only
+    assert engine.faults["retries"] == 1
+
+
+def test_a_server_down_at_start_is_skipped_while_another_answers(scripted):
+    backend, served = scripted()
+    down = f"http://127.0.0.1:{free_port()}"
+    engine = OpenAIEngine([down, served.url])
+    root = asyncio.run(engine.open("a prompt"))
+    assert root.server.url == served.url + "/v1" and engine.model.name == "scripted"
+    with pytest.raises(RemoteUnavailableError, match="is it running"):
+        OpenAIEngine([down])
+
+
+def test_a_server_that_takes_fewer_choices_gets_smaller_requests(scripted):
+    backend, served = scripted(honours_n=True)
+    engine = OpenAIEngine([served.url])
+    backend.max_n, backend.bodies = 2, []
+    branches, usage = asyncio.run(three_siblings(engine))
+    assert all(b.text == "The answer is 4." and b.finish_reason == "stop" for b in branches)
+    streamed = [body.get("n", 1) for body in backend.bodies if body.get("stream")]
+    assert streamed == [3, 2, 1]  # refused once, then as many as it takes
+    assert usage.generated_tokens == 1 + 3 * 6
+    branches, _ = asyncio.run(three_siblings(engine))  # remembered: no refusal the second time
+    assert [body.get("n", 1) for body in backend.bodies if body.get("stream")][3:] == [2, 1]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import ponder
-from ponder import sandbox
+from ponder import sandbox, sandbox_cgroup
 from ponder.cli import main as ponder_main
 from ponder.engine import PonderError
 from ponder.sandbox import Limits, run_python
@@ -141,15 +142,21 @@ def test_files_outside_cannot_be_removed_or_changed(tmp_path):
     assert victim.read_text() == "keep me" and victim.stat().st_mode & 0o777 != 0o777
 
 
-def test_a_setuid_file_stays_inside_and_powerless(tmp_path):
+def test_a_setuid_file_cannot_be_made(tmp_path):
     outcome = run(f"""
         import os
         open("tool", "w").close()
-        os.chmod("tool", 0o4755)  # allowed on its own scratch space, which is mounted nosuid
-        print("nosuid" if os.statvfs(".").f_flag & os.ST_NOSUID else "suid works")
+        print("nosuid" if os.statvfs(".").f_flag & os.ST_NOSUID else "suid works")  # its scratch space
+        for chmod in (lambda: os.chmod("tool", 0o4755), lambda: os.fchmod(os.open("tool", os.O_RDONLY), 0o2755)):
+            try:
+                chmod()
+            except PermissionError:
+                print("refused")
+        print(oct(os.stat("tool").st_mode))
         open({str(tmp_path / "tool")!r}, "w")
     """)
-    assert "nosuid" in outcome.stdout and not outcome.ok
+    assert outcome.stdout.splitlines()[:3] == ["nosuid", "refused", "refused"] and not outcome.ok
+    assert outcome.stdout.splitlines()[3] == "0o100644"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -275,7 +282,8 @@ def test_cannot_signal_processes_outside():
 
 
 def test_risky_kernel_interfaces_are_refused():
-    numbers = sandbox.REFUSED_SYSCALLS[platform.machine()][1]
+    numbers = [sandbox.SYSCALL_NUMBERS[platform.machine()][name] for name in sandbox.REFUSED_SYSCALLS
+               if name in sandbox.SYSCALL_NUMBERS[platform.machine()]]
     outcome = run(f"""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -352,6 +360,159 @@ def test_output_is_capped():
 def test_limits_cannot_be_raised_again():
     outcome = run("import resource; resource.setrlimit(resource.RLIMIT_CPU, (100, 100))")
     assert not outcome.ok and "not allowed to raise maximum limit" in outcome.stderr
+
+
+# -- resources outside the rlimits (issue 35): each refused, or bounded by the kernel ----------------------------------
+
+def test_system_v_ipc_and_message_queues_are_refused():
+    """System V objects and POSIX message queues would hold host memory that no rlimit counts, until the run ends."""
+    outcome = run("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        librt = ctypes.CDLL("librt.so.1", use_errno=True)
+        for name, call in (("shmget", lambda: libc.shmget(0, 64 << 20, 0o1600)),  # IPC_PRIVATE, IPC_CREAT | 0600
+                           ("msgget", lambda: libc.msgget(0, 0o1600)), ("semget", lambda: libc.semget(0, 1, 0o1600)),
+                           ("mq_open", lambda: librt.mq_open(b"/ponder", 0o100 | 2, 0o600, None))):
+            print(name, call(), ctypes.get_errno())
+    """)
+    assert outcome.ok and outcome.stdout.split() == [word for name in ("shmget", "msgget", "semget", "mq_open")
+                                                      for word in (name, "-1", "1")]  # EPERM
+
+
+def test_extended_attributes_are_refused():
+    """An xattr costs kernel memory that the size of /tmp does not count."""
+    outcome = run("""
+        import os
+        open("/tmp/x", "w").close()
+        for target in ("/tmp/x", 1):
+            try:
+                os.setxattr(target, "user.a", bytes(60_000))
+                print("set")
+            except OSError as exc:
+                print(exc.errno)
+    """)
+    assert outcome.ok and outcome.stdout.split() == ["1", "1"]
+
+
+def test_scratch_space_holds_a_bounded_number_of_files():
+    """Each file or directory costs kernel memory that the size of /tmp does not count: their number is capped."""
+    outcome = run("""
+        import os
+        for made in range(20_000):
+            os.mkdir(f"/tmp/{made}")
+    """)
+    assert not outcome.ok and "No space left on device: '/tmp/4095'" in outcome.stderr  # the root is the 4096th
+
+
+def test_outputs_are_pipes_that_cannot_be_reshaped():
+    """stdout and stderr are pipes: nothing on the host to allocate, chmod, lease or truncate, and the calls that
+    would do so to a file of its own are refused too."""
+    outcome = run("""
+        import ctypes, fcntl, os, stat
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(stat.S_ISFIFO(os.fstat(1).st_mode), stat.S_ISFIFO(os.fstat(2).st_mode))
+        mine = os.open("/tmp/mine", os.O_RDWR | os.O_CREAT)
+        for fd in (1, mine):
+            print(libc.fallocate(fd, 1, ctypes.c_long(0), ctypes.c_long(64 << 20)), ctypes.get_errno())  # KEEP_SIZE
+            for name, call in (("fchmod", lambda: os.fchmod(fd, 0o6777)), ("fchown", lambda: os.fchown(fd, 0, 0)),
+                               ("lease", lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK))):
+                try:
+                    call()
+                    print(name, "done")
+                except OSError as exc:
+                    print(name, exc.errno)
+        print(os.fstat(mine).st_blocks)
+    """)
+    assert outcome.ok, outcome.stderr
+    assert outcome.stdout.splitlines() == ["True True"] + ["-1 1", "fchmod 1", "fchown 1", "lease 1"] * 2 + ["0"]
+
+
+def test_ponder_reads_at_most_the_output_cap():
+    """A range inserted into a file-backed stdout made ponder read (and hold) all of it; a pipe holds what was
+    written, and ponder reads no more than the cap of it."""
+    outcome = run("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        os.write(1, b"x" * 4096)
+        libc.fallocate(1, 0x20, ctypes.c_long(0), ctypes.c_long(64 << 20))  # FALLOC_FL_INSERT_RANGE
+        os.write(1, b"y" * (1 << 20))
+    """, output_kb=64)
+    assert len(outcome.stdout) == 64 << 10 and outcome.stdout == "x" * 4096 + "y" * ((64 << 10) - 4096)
+    assert outcome.returncode == 128 + signal.SIGKILL  # killed once it printed past the cap
+
+
+@pytest.mark.parametrize("family", ["AF_VSOCK", "AF_PACKET", "AF_NETLINK", "AF_INET", "AF_INET6"])
+def test_only_unix_sockets_can_be_made(family):
+    """AF_VSOCK reaches the hypervisor of a virtual machine from any network namespace; no family but AF_UNIX is
+    needed."""
+    outcome = run(f"""
+        import errno, socket
+        a, b = socket.socketpair()
+        a.sendall(b"unix works")
+        print(b.recv(64).decode())
+        for call in (lambda: socket.socket(socket.{family}, socket.SOCK_DGRAM),
+                     lambda: socket.socketpair(socket.{family}, socket.SOCK_DGRAM)):
+            try:
+                call()
+                print("made")
+            except OSError as exc:
+                print(errno.errorcode[exc.errno])
+    """)
+    assert outcome.ok and outcome.stdout.split("\n")[:3] == ["unix works", "EAFNOSUPPORT", "EAFNOSUPPORT"]
+
+
+def _run_cgroups() -> list[Path]:
+    return [directory for controller in sandbox_cgroup.usable_controllers()
+            for directory in controller.parent.glob(f"{sandbox_cgroup.PREFIX}{os.getpid()}-*")]
+
+
+needs_cgroups = pytest.mark.skipif(not sandbox_cgroup.usable_controllers(), reason="no usable cgroups here")
+
+
+@needs_cgroups
+def test_a_run_has_its_own_memory_and_pids_cgroup():
+    async def look_during_the_run():
+        running = asyncio.ensure_future(run_python("import time; time.sleep(1)", Limits(memory_mb=300)))
+        await asyncio.sleep(0.5)
+        found = {path.name: path.read_text().strip() for directory in _run_cgroups()
+                 for path in directory.glob("*") if path.name in ("memory.max", "memory.limit_in_bytes", "pids.max")}
+        members = [path.read_text().split() for directory in _run_cgroups() for path in directory.glob("cgroup.procs")]
+        return found, members, await running
+
+    found, members, outcome = asyncio.run(look_during_the_run())
+    assert outcome.ok
+    assert found.get("memory.max", found.get("memory.limit_in_bytes")) == str(300 << 20)
+    assert found["pids.max"] == str(sandbox_cgroup.RUN_PROCESSES)
+    assert members and all(len(pids) == 2 for pids in members)  # bwrap and the program
+    assert _run_cgroups() == []  # removed after the run
+
+
+@needs_cgroups
+def test_kernel_memory_counts_against_the_memory_limit():
+    """Directories cost kernel memory only: with inodes to spare, the memory cgroup still stops the flood."""
+    outcome = run("""
+        import os
+        for made in range(400_000):
+            os.mkdir(f"/tmp/{made}")
+        print("made them all")
+    """, memory_mb=128, scratch_files=1_000_000)
+    assert outcome.returncode == 128 + signal.SIGKILL and "made them all" not in outcome.stdout
+    assert _run_cgroups() == []
+
+
+def test_nothing_is_left_behind():
+    before = set(Path(tempfile.gettempdir()).glob("ponder-sandbox-*"))
+    for code, limits in (("print('x' * 10_000_000)", {"output_kb": 8}), ("import time; time.sleep(60)",
+                                                                         {"timeout_s": 0.5}), ("1 / 0", {})):
+        run(code, **limits)
+    assert set(Path(tempfile.gettempdir()).glob("ponder-sandbox-*")) <= before
+    assert _run_cgroups() == []
+
+
+@pytest.mark.parametrize("limit", ["timeout_s", "memory_mb", "output_kb", "scratch_files"])
+def test_limits_must_be_positive(limit):
+    with pytest.raises(ValueError, match=f"{limit} must be positive"):
+        Limits(**{limit: 0})
 
 
 # -- where bwrap cannot isolate ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from recording_engine import RecordingEngine
 
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.prompts import DEFAULT_PROMPT, MathPrompt
-from ponder.strategies import DESCRIPTIONS, STRATEGIES, get_strategy
+from ponder.strategies import STRATEGIES, get_strategy
 from ponder.strategies.pal import program_messages
 
 SMALL, LARGE = "qwen2.5-0.5b", "qwen2.5-1.5b"  # the two models of cascade, specreason and glimprouter
@@ -21,7 +21,8 @@ OPTIONS = {name: {"scorer": "logprob"} for name in ("beam", "dvts", "particles",
 
 
 def test_every_strategy_is_described():
-    assert set(DESCRIPTIONS) == set(STRATEGIES)
+    for name, strategy in STRATEGIES.items():
+        assert strategy.name == name and strategy.summary and "\n" not in strategy.summary
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -67,3 +68,17 @@ def test_a_template_reaches_every_strategy_that_asks_the_math_prompt(name):
     chats = chats_opened(name, prompt)
     assert prompt.messages(QUESTION) in chats  # mix also opens pal's program prompt
     assert all(chat in (prompt.messages(QUESTION), program_messages(QUESTION)) for chat in chats)
+
+
+def test_what_bench_and_replay_read_is_declared_by_the_strategies():
+    assert [name for name, s in STRATEGIES.items() if s.records_tree] == ["beam", "dvts", "particles", "astar"]
+    assert {name for name, s in STRATEGIES.items() if s.independent_samples} == {"sc", "pal"}  # maj@k, pass@k
+    assert {name: s.temperature for name, s in STRATEGIES.items() if s.temperature is not None} == {"greedy": 0.0}
+    assert STRATEGIES["pal"].chat(QUESTION, DEFAULT_PROMPT) == program_messages(QUESTION)
+    assert "```" in STRATEGIES["pal"].branch_params(SamplingParams()).stop
+    assert STRATEGIES["sc"].chat(QUESTION, DEFAULT_PROMPT) == DEFAULT_PROMPT.messages(QUESTION)
+
+
+def test_a_strategys_options_are_the_keywords_of_its_run():
+    assert list(STRATEGIES["adaptive"].options) == ["budget", "init", "step", "threshold", "rule", "early_exit"]
+    assert list(STRATEGIES["greedy"].options) == ["budget"]

@@ -12,7 +12,7 @@ from ponder.engine.base import SamplingParams, ScoreUnsupportedError
 from ponder.engine.fake import FakeEngine, FakeModel, Script, fake_tokens
 from ponder.verifiers import get_verifier
 from ponder.verifiers.llm import NO_EVIDENCE, SELF_CHECK, JudgeVerifier, SelfVerifier, p_yes, p_yes_from_alternatives
-from ponder.verifiers.program import AGREES, DISAGREES, NO_EVIDENCE, ProgramVerifier, last_program
+from ponder.verifiers.program import AGREES, DISAGREES, NO_EVIDENCE, ProgramVerifier
 
 
 def candidate(engine: FakeEngine):
@@ -120,12 +120,6 @@ def test_judge_is_a_model_of_the_generating_engine():
     assert isinstance(verifier, JudgeVerifier) and verifier.engine is engine and verifier.judge == "qwen2.5-1.5b"
 
 
-def test_last_program_takes_the_final_fenced_block():
-    text = "```python\nprint(1)\n```\nbetter:\n```py\nprint(2)\n```\nand ```\nprint(3)\n``` done"
-    assert last_program(text) == "print(3)\n"
-    assert last_program("no code, \\boxed{3}") is None
-
-
 @pytest.mark.parametrize("text, expected", [
     ("```python\nprint(6 * 7)\n```\nSo \\boxed{42}", AGREES),
     ("```python\nprint(f'The answer is {6 * 7}')\n```\nSo \\boxed{42}", AGREES),
@@ -138,3 +132,14 @@ def test_last_program_takes_the_final_fenced_block():
 def test_program_verifier_compares_the_printed_result_with_the_stated_answer(text, expected):
     branch = candidate(FakeEngine([text]))
     assert asyncio.run(ProgramVerifier().score("What is 6 * 7?", branch)) == expected
+
+
+def test_one_judge_turn_and_one_default_judge_for_every_judge():
+    from ponder import scorers
+    from ponder.strategies import specreason
+    from ponder.verifiers import DEFAULT_JUDGE
+
+    chatml = "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    assert scorers.JUDGE_TURN == chatml.format(scorers.JUDGE_QUESTION)
+    assert specreason.JUDGE_TURN == chatml.format(specreason.JUDGE_QUESTION) + "I think the quality score is: "
+    assert scorers.DEFAULT_JUDGE == DEFAULT_JUDGE == "qwen2.5-1.5b"

@@ -22,10 +22,6 @@ import numpy as np
 
 Z_95 = 1.959963984540054  # the standard normal quantile of 0.975
 
-# Strategies whose branches are N independent samples of the same prompt: only for these does a k-subset of the
-# branches stand for a run with k samples, so only these get pass@k / maj@k curves.
-INDEPENDENT_SAMPLE_STRATEGIES = frozenset({"sc", "pal"})
-
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
     """The Wilson score interval for a binomial proportion (95 % by default)."""
@@ -170,8 +166,12 @@ def _elapsed(records: Sequence[dict]) -> float:
 
 def _sample_count(strategy: str, records: Sequence[dict]) -> int | None:
     """N when every problem that ran has the same N >= 2 independent samples (a problem that failed before sampling,
-    e.g. a prompt too long for the context, has none and counts as wrong at every k)."""
-    if strategy not in INDEPENDENT_SAMPLE_STRATEGIES:
+    e.g. a prompt too long for the context, has none and counts as wrong at every k). Only a strategy that declares
+    its branches independent samples (``Strategy.independent_samples``) has such N."""
+    from ..strategies import STRATEGIES  # here, not at the top: the strategies pull in scipy
+
+    declared = STRATEGIES.get(strategy)
+    if declared is None or not declared.independent_samples:  # a file of a strategy this ponder no longer has: None
         return None
     counts = {len(r["branches"]) for r in records if "error" not in r}
     if len(counts) != 1:

@@ -25,9 +25,10 @@ replays the candidates and runs its verifier for real.
 Several recordings: ``--replay`` once per recording. The first file is the default model's run; a strategy that opens
 another model (a cascade's large model) or another prompt (``mix`` opens ``pal``'s program prompt beside the reasoning
 prompt) gets the branches of the file that recorded that model and prompt, checked against the sampling settings that
-file was recorded with (a greedy run answers a greedy escalation). Which prompt a recording answered follows from its
-strategy: ``pal`` asked for programs (its replies start inside the code block the strategy appended, and stop at the
-closing fence), every other strategy the standard math prompt. A model that no file recorded (a judge) is loaded and
+file was recorded with (a greedy run answers a greedy escalation). Which prompt a recording answered, and with which
+settings, follows from its strategy's declaration (``Strategy.chat``, ``branch_params``, ``temperature``): ``pal``
+asked for programs (its replies start inside the code block the strategy appended, and stop at the closing fence),
+every other strategy the standard math prompt. A model that no file recorded (a judge) is loaded and
 runs for real.
 """
 
@@ -44,7 +45,7 @@ from typing import Sequence
 from ..engine import load_engine
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..engine.fake import FakeBranch, FakeEngine, Script
-from ..strategies.pal import program_messages, program_params
+from ..strategies import STRATEGIES, Strategy
 from .datasets import Dataset
 from .metrics import summarize
 from .runner import read_results, run_prompt
@@ -52,14 +53,15 @@ from .runner import read_results, run_prompt
 _WHOLE_BRANCHES_ONLY = ("a replay plays back whole recorded branches from their prompt; strategies that fork or add to a "
                         "partial solution (early_exit probes, step-wise and search strategies) must run live")
 
-# The prompt a recorded strategy opened (from the question and the run's prompt settings) and how it changed the
-# sampling settings given on the command line; every strategy not listed opened the run's math prompt with the
-# settings as given.
-_PROMPT_OF = {"pal": (program_messages, program_params)}
-_MATH_PROMPT = (lambda question, prompt: prompt.messages(question), lambda params: params)
+_NO_HIDDEN = ("a replay has no hidden states (no model is loaded): the probe verifier, weighting and step scorer must "
+              "run live; `ponder probe eval` measures them on recorded branches")
+
+# What a replay assumes of a recording whose strategy this ponder no longer has: it opened the run's math prompt and
+# sampled with the settings as given (the declaration's defaults).
+_FORMER_STRATEGY = Strategy("former", run=None, summary="a strategy this ponder no longer has", family="vote")
 
 # Sampling fields that a replay may differ in: they only switch on extra per-token records.
-_RECORDING_ONLY = ("logprobs", "top_logprobs", "seed")
+_RECORDING_ONLY = ("logprobs", "top_logprobs", "seed", "hidden")
 
 
 @dataclass
@@ -119,18 +121,18 @@ class Recorded:
         if cut_short:
             raise PonderError(f"{source} has branches that did not end on their own ({', '.join(cut_short)}): "
                               "replay a run that let every branch finish, such as sc or greedy")
+        strategy = STRATEGIES.get(header["strategy"], _FORMER_STRATEGY)
         recorded_params = header["config"]["params"]
-        if header["strategy"] == "greedy":  # the greedy strategy samples at temperature 0 whatever --temperature says
-            recorded_params = {**recorded_params, "temperature": 0.0}
-        messages, strategy_params = _PROMPT_OF.get(header["strategy"], _MATH_PROMPT)
+        if strategy.temperature is not None:  # greedy samples at temperature 0 whatever --temperature said
+            recorded_params = {**recorded_params, "temperature": strategy.temperature}
         prompt = run_prompt(header)
         params = SamplingParams(**{**recorded_params, "stop": tuple(recorded_params["stop"])})
         by_id = {r["id"]: r for r in records}
         recorded = summarize(header["strategy"], records)
         return cls(
-            source=Path(source), header=header, params=params, extend_params=strategy_params(params),
+            source=Path(source), header=header, params=params, extend_params=strategy.branch_params(params),
             n=header["config"]["n"],
-            recordings={prompt_text(messages(p.question, prompt)):
+            recordings={prompt_text(strategy.chat(p.question, prompt)):
                         Recording(p.id, by_id[p.id]["usage"]["prompt_tokens"], by_id[p.id]["branches"])
                         for p in dataset.problems if p.id in by_id},
             seconds_per_token=recorded.wall_s / recorded.generated_tokens if recorded.generated_tokens else 0.0)
@@ -249,6 +251,8 @@ class ReplayEngine(FakeEngine):
         if params.top_logprobs:
             raise PonderError("a replay has no per-token confidences (the recording kept token logprobs only); "
                               "strategies and weightings that read them (deepconf, self-certainty) must run live")
+        if params.hidden:
+            raise PonderError(_NO_HIDDEN)
         if params.logprobs and not run.params.logprobs:
             raise PonderError(f"{run.source} was recorded without log-probabilities; strategies and weightings "
                               "that read them (logprob, rpc) need a recording made with --record-logprobs")
@@ -275,6 +279,9 @@ class ReplayEngine(FakeEngine):
     async def score(self, branch: Branch, continuation: str) -> float:
         raise PonderError("a replay cannot score text (no model is loaded): run verifiers that read a model "
                           "(self, judge) live, or replay with verifier=program")
+
+    async def hidden(self, branch: Branch):
+        raise PonderError(_NO_HIDDEN)
 
     def release(self, branch: Branch) -> None:
         super().release(branch)

@@ -29,7 +29,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..engine.base import PonderError
-from ..options import strategy_parameters
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from .metrics import RunMetrics, summarize
 from .runner import read_results, run_prompt
@@ -126,10 +125,10 @@ def _option_defaults(strategy: str) -> dict:
     """The strategy's options left at their defaults, so that a run that did not set one is labelled by its value."""
     from ..strategies import STRATEGIES  # only here: the strategies pull in scipy
 
-    run = STRATEGIES.get(strategy)
-    if run is None:  # a results file from a strategy this ponder no longer has
+    declared = STRATEGIES.get(strategy)
+    if declared is None:  # a results file from a strategy this ponder no longer has
         return {}
-    return {name: p.default for name, p in strategy_parameters(run).items() if p.default is not inspect.Parameter.empty}
+    return {name: p.default for name, p in declared.options.items() if p.default is not inspect.Parameter.empty}
 
 
 def prompt_tag(prompt: MathPrompt) -> str:

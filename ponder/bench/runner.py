@@ -34,10 +34,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from .. import __version__
 from ..answers import vote
 from ..engine.base import Engine, PonderError, PromptTooLongError, SamplingParams, Usage
-from ..options import check_strategy_options
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..strategies import get_strategy
+from ..strategies import StrategyCall, get_strategy
 from ..strategies.pool import ENDED_ON_THEIR_OWN
 from .datasets import Dataset, Problem
 
@@ -94,9 +93,12 @@ def make_header(engine: Engine, dataset: Dataset, config: BenchConfig, replay: d
 def _identity(header: dict) -> dict:
     """The header fields that must match for a run to append to an existing results file."""
     model = header["model"]
+    # Sampling fields added since a file was written (e.g. ``hidden``) count as their defaults: the run sampled so.
+    params = {**asdict(SamplingParams()), "stop": [], **header["config"].get("params", {})}
     return {
         "strategy": header["strategy"],
-        "config": {**header["config"], "prompt": run_prompt(header).to_dict()},  # older files: the default prompt
+        "config": {**header["config"], "params": params,
+                   "prompt": run_prompt(header).to_dict()},  # older files: the default prompt
         "model": model["sha256"] or model["name"],  # a remote model has no file to hash
         "dataset sha256": header["dataset"]["sha256"],
         "scoring": header["scoring"],
@@ -214,7 +216,6 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
     if concurrency < 1:
         raise PonderError(f"--concurrency must be >= 1, got {concurrency}")
     config = check_config(config)
-    strategy = get_strategy(config.strategy)
     results = ResultsFile(out, make_header(engine, dataset, config, replay))
     try:
         finished = results.finished
@@ -222,7 +223,7 @@ def run_bench(engine: Engine, dataset: Dataset, problems: Sequence[Problem], con
         session = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
         async def solve(problem: Problem) -> dict:
-            return await _solve(engine, strategy, dataset, problem, config, session, clock)
+            return await _solve(engine, dataset, problem, config, session, clock)
 
         selected = {p.id for p in problems}
         done_here = [r for r in results.records if r["id"] in selected]
@@ -244,7 +245,7 @@ def check_config(config: BenchConfig) -> BenchConfig:
     """``config`` with its strategy options checked and typed; a bad name or value is a one-line error."""
     if config.n < 1:
         raise PonderError(f"--n must be >= 1, got {config.n}")
-    return replace(config, options=check_strategy_options(config.strategy, config.options))
+    return replace(config, options=get_strategy(config.strategy).check_options(config.options))
 
 
 async def _run_all(todo: list[Problem], solve, save: Callable[[dict], None], bar: _BenchProgress,
@@ -263,13 +264,13 @@ async def _run_all(todo: list[Problem], solve, save: Callable[[dict], None], bar
             group.create_task(bar.tick_until_done(workers))
 
 
-async def _solve(engine: Engine, strategy, dataset: Dataset, problem: Problem, config: BenchConfig,
-                 session: str, clock: Callable[[], float]) -> dict:
+async def _solve(engine: Engine, dataset: Dataset, problem: Problem, config: BenchConfig, session: str,
+                 clock: Callable[[], float]) -> dict:
     started = clock()
+    call = StrategyCall(config.strategy, problem.question, n=config.n, params=config.params,
+                        seed=problem_seed(config.seed, problem.id), prompt=config.prompt, options=config.options)
     try:
-        result: Result = await strategy(engine, problem.question, n=config.n, params=config.params,
-                                        seed=problem_seed(config.seed, problem.id), prompt=config.prompt,
-                                        **config.options)
+        result: Result = await call(engine)
     except PromptTooLongError as e:
         return _record(problem, started, clock(), session, prediction=None, correct=False, error=str(e),
                        branches=[], usage=Usage().to_dict())

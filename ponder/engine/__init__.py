@@ -15,9 +15,13 @@ def load_engine(model: str | None = None, *, engine: str = "llamacpp", base_url:
     speculative decoding, with exactly the output distribution of ``model`` alone."""
     if engine == "llamacpp":
         from ..models import DEFAULT_MODEL, resolve_model
+        from .cpu_check import use_extra_buffers
+
+        target = resolve_model(model or DEFAULT_MODEL)
+        use_extra_buffers(target.path, threads=options.get("n_threads"))  # before this process imports llama.cpp
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(resolve_model(model or DEFAULT_MODEL), draft=draft and resolve_model(draft), **options)
+        return LlamaCppEngine(target, draft=draft and resolve_model(draft), **options)
     if draft is not None:
         raise PonderError("--draft is for the in-process engine; a remote server does its own speculative decoding "
                           "(e.g. vLLM's --speculative-config)")

@@ -37,6 +37,17 @@ How the contract grew, and why (each change was made once, for every engine and 
   an ``extend`` with ``top_logprobs`` keeps the alternatives of its last sampled token in ``last_top_logprobs``, so a
   Yes/No verifier can read P(Yes) from one greedy token instead. One dict per branch, overwritten per token, not a
   list per token: DeepConf asks for ``top_logprobs`` on every token of every branch, and only the last one is needed.
+* **Hidden states** (``Branch.hidden``, ``SamplingParams.hidden``, ``HiddenUnsupportedError``): nothing available
+  ranks the bundled models' own work much better than chance, but a linear probe on the model's final hidden state
+  (the vector the output head reads) does (issue 33, ``ponder.probes``). ``await branch.hidden()`` returns that
+  vector after the branch's whole context -- what the model "thinks" having read the prompt and every token of the
+  branch -- for a verifier, a vote weight or a step scorer to read. The decode that sampled a branch's last token
+  already computed it: an extend with ``hidden=True`` keeps it (``Branch.hidden_state``), so ``hidden()`` after a
+  branch ended at end-of-generation is free, and otherwise costs the evaluation of one token (the branch's last,
+  not yet in its KV cells), counted as ``scored_tokens``; every vector read counts one ``hidden_states``. A method
+  plus an opt-in flag, not a per-token list: a vector is kilobytes, and strategies need it at a few chosen ends (a
+  finished branch, each step of a search), never at every token. Remote servers return no hidden states: ``hidden``
+  raises ``HiddenUnsupportedError`` there (the default of ``Engine.hidden``), as ``score`` does.
 """
 
 from __future__ import annotations
@@ -66,6 +77,11 @@ class ScoreUnsupportedError(PonderError):
     without exact scores catches it and reads ``Branch.last_top_logprobs`` of a generated token instead."""
 
 
+class HiddenUnsupportedError(PonderError):
+    """``hidden`` is impossible on this engine (a remote server returns no hidden states). A caller that can do without
+    a probe's score catches it and falls back to another signal, or reports it as the user's error."""
+
+
 class RemoteUnavailableError(PonderError):
     """No configured remote server could be reached (the ponder server answers 503 for it). Defined here, not in the
     remote engine's module, so that the server can tell it apart without importing the optional openai client."""
@@ -85,6 +101,7 @@ class SamplingParams:
     logprobs: bool = False  # record the chosen token's log-probability at each step
     top_logprobs: int = 0  # also record confidence (-mean of the top-k logprobs, as in DeepConf) and entropy
     ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks with a fixed length)
+    hidden: bool = False  # keep the final hidden state the last decode computed (``Branch.hidden`` is then free)
 
     def validate(self) -> SamplingParams:
         """Raise ``ValueError`` naming the first bad field; return self so edges can write ``p.validate()``."""
@@ -110,7 +127,7 @@ class SamplingParams:
 
 
 COUNTERS = ("prompt_tokens", "prompt_tokens_shared", "generated_tokens", "scored_tokens", "drafted_tokens",
-            "accepted_tokens", "probe_tokens", "prompt_tokens_cached")
+            "accepted_tokens", "probe_tokens", "prompt_tokens_cached", "hidden_states")
 
 
 @dataclass
@@ -125,7 +142,8 @@ class Usage:
     also in ``generated_tokens``, on the target model); ``probe_tokens`` counts the answer probes of early exit
     (``ponder.stopping.EarlyExit``): the probe text appended to a fork and the probe's reply, in no other counter;
     ``prompt_tokens_cached`` counts the part of ``prompt_tokens`` whose KV cells came from the engine's prefix cache
-    (an earlier request's prompt) instead of being computed.
+    (an earlier request's prompt) instead of being computed; ``hidden_states`` counts the final hidden states read
+    (``Branch.hidden``: vectors, not tokens; a token evaluated only to read one is in ``scored_tokens``).
     The fields are totals over every model; ``models`` holds the same counters per model name, and ``stages`` wall
     seconds per named stage (``"sandbox"``, ...).
     """
@@ -138,6 +156,7 @@ class Usage:
     accepted_tokens: int = 0
     probe_tokens: int = 0
     prompt_tokens_cached: int = 0
+    hidden_states: int = 0
     wall_s: float = 0.0
     models: dict[str, dict[str, int]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)
@@ -185,6 +204,10 @@ class Branch:
     # The top-k alternatives (token text -> logprob) of the last token an extend with ``top_logprobs`` sampled on this
     # branch (a fork starts with none); filled by the engines that can raise ``ScoreUnsupportedError`` (remote, fake).
     last_top_logprobs: dict[str, float] = field(default_factory=dict)
+    # The final hidden state (a float32 vector) after the branch's first ``hidden_len`` tokens (the prompt alone: 0),
+    # kept by the engine when a decode computed it; ``hidden()`` reads it when it is current.
+    hidden_state: object = None
+    hidden_len: int = -1
     released: bool = False
 
     async def extend(self, params: SamplingParams, stop_if: StopIf | None = None) -> Branch:
@@ -225,6 +248,18 @@ class Branch:
             raise PonderError("cannot score on a released branch")
         return await self.engine.score(self, continuation)
 
+    async def hidden(self):
+        """The final hidden state (the vector the output head reads, float32, the model's width) after the prompt
+        and everything in ``text``. Free when the decode that sampled the branch's last token computed it (an extend
+        with ``hidden=True`` that ended at end-of-generation), else one token evaluated (``scored_tokens``). Raises
+        ``HiddenUnsupportedError`` on an engine that cannot (see the module docstring)."""
+        if self.released:
+            raise PonderError("cannot read the hidden state of a released branch")
+        if self.hidden_state is not None and self.hidden_len == len(self.tokens):
+            self.usage.add("hidden_states", 1, self.model)
+            return self.hidden_state
+        return await self.engine.hidden(self)
+
     def release(self) -> None:
         """Free this branch's KV cells now; an extend in flight ends with ``finish_reason == "cancelled"``."""
         if not self.released:
@@ -236,7 +271,8 @@ class Branch:
         the child's constructor)."""
         return {"text": self.text, "tokens": list(self.tokens), "appended_tokens": self.appended_tokens,
                 "model": self.model, "token_logprobs": list(self.token_logprobs),
-                "confidences": list(self.confidences), "entropies": list(self.entropies)}
+                "confidences": list(self.confidences), "entropies": list(self.entropies),
+                "hidden_state": self.hidden_state, "hidden_len": self.hidden_len}
 
     @property
     def mean_logprob(self) -> float | None:
@@ -296,6 +332,13 @@ class Engine(ABC):
 
     @abstractmethod
     async def score(self, branch: Branch, continuation: str) -> float: ...
+
+    async def hidden(self, branch: Branch):
+        """The final hidden state after ``branch``'s whole context (``Branch.hidden`` calls this only when the branch
+        does not hold it already); stores it in ``branch.hidden_state``/``hidden_len`` and counts it. Engines that
+        cannot read hidden states keep this default."""
+        raise HiddenUnsupportedError(f"this engine ({type(self).__name__}) cannot read hidden states; run on the "
+                                     f"in-process engine")
 
     @abstractmethod
     def release(self, branch: Branch) -> None: ...

@@ -27,11 +27,18 @@ the token alone, with its logprob).
 ``score_fn(context, continuation)`` where ``context`` is the branch's prompt text followed by its text (so a test can
 script a verifier's verdict per candidate, or a judge's per step). ``FakeEngine(..., can_score=False)`` plays an
 engine that cannot score (a remote server without prompt logprobs): ``score`` raises ``ScoreUnsupportedError``.
+
+``hidden`` returns ``hidden_fn(context)`` (same ``context`` as ``score_fn``) as a float32 vector, or by default a
+deterministic vector of ``HIDDEN_SIZE`` numbers drawn from a hash of the context: a test scripts what a probe reads.
+As on the real engine, an extend with ``hidden=True`` keeps the vector of the branch before each token it samples,
+and the whole branch's when it ends at the end of its script: ``hidden()`` is then free, and otherwise counts one
+``scored_tokens``; every read counts one ``hidden_states``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
@@ -39,7 +46,11 @@ from typing import Callable, Mapping, Sequence
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
                    ScoreUnsupportedError, StopIf, Usage)
 
+import numpy as np
+
 ScoreFn = Callable[[str, str], float]
+HiddenFn = Callable[[str], Sequence[float]]
+HIDDEN_SIZE = 8
 
 
 def fake_tokens(text: str) -> list[str]:
@@ -87,9 +98,10 @@ def _scripted(records: list, i: int, default):
 class FakeEngine(Engine):
     def __init__(self, scripts: Sequence[str | Script], *, kv_cells: int = 100_000, name: str = "fake",
                  score_fn: ScoreFn | None = None, models: Mapping[str, ModelSpec] | None = None,
-                 can_score: bool = True):
+                 can_score: bool = True, hidden_fn: HiddenFn | None = None):
         self.model = ModelInfo(name=name, path="", sha256="0" * 64)
         self.can_score = can_score
+        self.hidden_fn = hidden_fn
         self.models = {name: FakeModel(list(scripts), score_fn)}
         for other, spec in (models or {}).items():
             self.models[other] = spec if isinstance(spec, FakeModel) else FakeModel(list(spec))
@@ -160,7 +172,11 @@ class FakeEngine(Engine):
             i = len(branch.tokens)  # the script plays from the branch's length (appended tokens included)
             if i >= len(tokens):
                 branch.finish_reason = "stop"
+                if params.hidden:  # the decode that sampled end-of-generation computed it
+                    branch.hidden_state, branch.hidden_len = self._vector(branch), len(branch.tokens)
                 return branch
+            if params.hidden:  # as on the real engine, the decode that samples a token read the branch before it
+                branch.hidden_state, branch.hidden_len = self._vector(branch), len(branch.tokens)
             branch.tokens.append(i)
             branch.text += tokens[i]
             branch.context_tokens += 1
@@ -194,6 +210,24 @@ class FakeEngine(Engine):
         if score_fn is not None:
             return score_fn(branch.prompt + branch.text, continuation)
         return -0.1 * n
+
+    def _vector(self, branch: FakeBranch) -> np.ndarray:
+        context = branch.prompt + branch.text
+        if self.hidden_fn is not None:
+            return np.asarray(self.hidden_fn(context), dtype=np.float32)
+        seed = int.from_bytes(hashlib.sha256(context.encode()).digest()[:8], "big")
+        return np.random.default_rng(seed).standard_normal(HIDDEN_SIZE).astype(np.float32)
+
+    async def hidden(self, branch: Branch) -> np.ndarray:
+        assert isinstance(branch, FakeBranch)
+        branch.hidden_state, branch.hidden_len = self._vector(branch), len(branch.tokens)
+        branch.usage.add("scored_tokens", 1, branch.model)
+        branch.usage.add("hidden_states", 1, branch.model)
+        return branch.hidden_state
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        """The ModelInfo of model ``name`` (None: the default one); every fake model has the fake sha256."""
+        return self.model if name in (None, self.model.name) else ModelInfo(name=name, path="", sha256="0" * 64)
 
     async def append(self, branch: Branch, text: str) -> Branch:
         assert isinstance(branch, FakeBranch)

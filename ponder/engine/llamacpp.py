@@ -37,6 +37,13 @@ How it works, in the manner of llama.cpp's ``batched`` and ``parallel`` examples
   (``llama_memory_seq_rm`` from a position on). ``k`` adapts per branch to its acceptance (up 2 when every proposal
   was kept, down 1 otherwise, as in Hugging Face's assisted generation). The draft's KV is sized with a margin and
   not admitted separately: a shadow never holds more than its target branch plus the proposals of one step.
+* **Hidden states** (``Branch.hidden``): llama.cpp returns the final hidden state of a decode's output rows (pooling
+  NONE) once ``llama_set_embeddings`` is on, but then it makes *every* token of the batch an output row (logits
+  included). So embeddings are switched on only for a step whose every token is an output row anyway: the decodes
+  (each sampled token is one) and the one-token evaluations ``hidden`` asks for. A step that also evaluates a
+  prompt or appended text runs with embeddings off; an extend with ``hidden=True`` then simply keeps no vector for
+  that token (its branch's ``hidden`` costs one token later, never a wrong vector). ``benchmarks/bench_hidden.py``
+  measures what the vectors cost per decode.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import numpy as np
 
 from .base import (Branch, Engine, EngineError, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
                    SamplingParams, StopIf, Usage)
+from .cpu_check import use_extra_buffers
 from .prefix_cache import PREFIX_CACHE_TOKENS, CachedPrompt, PrefixCache, Segment, drop
 from .sampling import Sample, describe, distribution, draw, sample, speculative_choice, token_logprob
 
@@ -92,6 +100,7 @@ class LlamaBranch(Branch):
     draft_behind: list[int] = field(default_factory=list)
     draft_k: int = DRAFT_K_START
     is_shadow: bool = False
+    last_read: int = -1  # the token before ``pending`` when ``pending`` is end-of-generation (``hidden`` re-reads it)
 
 
 @dataclass(eq=False)
@@ -115,6 +124,8 @@ class _Feed:
     future: asyncio.Future
     want_logprobs: bool  # score: sum log p(tokens[i+1] | ...) over the fed tokens
     targets: list[int] = field(default_factory=list)  # the token each fed position should predict (score)
+    want_hidden: bool = False  # hidden: keep the final hidden state of the last fed token (in ``hidden``)
+    hidden: np.ndarray | None = None
     done: int = 0
     reserved: int = 0
     logprob: float = 0.0
@@ -127,12 +138,15 @@ class _StepPlan:
     feeds: list[tuple[_Feed, int, int]]  # (feed, start, stop) slices of feed.tokens
     drafts: list[int] = field(default_factory=list)  # speculative: proposals per decode (same order); empty = plain
     draft_kv_ops: list[tuple] = field(default_factory=list)
+    hidden: bool = False  # embeddings on for this step (every token of it is an output row)
 
 
 @dataclass
 class _StepOut:
     samples: list[list[Sample]]  # per decode: the new tokens in order (one, or up to k + 1 when speculative)
     feed_logprobs: list[float]  # one sum per feed slice that wants logprobs
+    hidden: list[np.ndarray | None] = field(default_factory=list)  # per decode: its rows' hidden states, if kept
+    feed_hidden: list[np.ndarray] = field(default_factory=list)  # per feed slice that wants a hidden state
 
 
 class _ModelRunner:
@@ -146,11 +160,15 @@ class _ModelRunner:
         self.engine = engine
         self.model = model
         params = llama.llama_model_default_params()
+        # False where llama.cpp's AMX or repacked-weight kernels die on this CPU (cpu_check.py asks a child once).
+        params.use_extra_bufts = use_extra_buffers(model.path, threads=n_threads)
         self._model = llama.llama_model_load_from_file(model.path.encode(), params)
         if not self._model:
             raise PonderError(f"llama.cpp could not load {model.path} (not a valid GGUF model?)")
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = llama.llama_model_n_embd(self._model)
+        self._embeddings = False  # llama_set_embeddings' current value
         n_ctx = min(n_ctx, llama.llama_model_n_ctx_train(self._model))
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -158,6 +176,7 @@ class _ModelRunner:
         cparams.kv_unified = True  # one pool of cells that sequences share: forks reuse the prompt's cells
         cparams.n_batch = cparams.n_ubatch = max(n_batch, n_seq_max)
         cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE  # embeddings, when on, are per token: the hidden states
         self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama.llama_model_free(self._model)
@@ -410,6 +429,32 @@ class _ModelRunner:
         branch.usage.add("scored_tokens", len(targets), self.model.name)
         return feed.logprob
 
+    async def hidden(self, branch: LlamaBranch) -> np.ndarray:
+        """Evaluate the branch's last token on a temporary sequence and keep its final hidden state: the pending
+        token, or, when the pending token is end-of-generation (not part of the text), the token before it again."""
+        if branch.job is not None:
+            raise PonderError("cannot read the hidden state of a branch while it is extending")
+        eog = llama.llama_vocab_is_eog(self._vocab, branch.pending)
+        if eog and branch.last_read < 0:
+            raise PonderError("this branch holds no token whose hidden state could be read")
+        token, keep = (branch.last_read, branch.n_past - 1) if eog else (branch.pending, branch.n_past)
+        (seq,) = await self._take_seqs(1)
+        branch.segment.holders += 1
+        probe = LlamaBranch(engine=self.engine, usage=branch.usage, context_tokens=branch.context_tokens,
+                            model=branch.model, runner=self, seq_id=seq, n_past=keep,
+                            segment=Segment(parent=branch.segment))
+        self._kv_ops.append(("cp", branch.seq_id, seq, keep if eog else -1))
+        self._live.add(probe)
+        feed = _Feed(probe, [token], self.engine.new_future(), want_logprobs=False, want_hidden=True)
+        try:
+            await self._submit(feed, cells=1)
+        finally:
+            probe.release()
+        branch.hidden_state, branch.hidden_len = feed.hidden, len(branch.tokens)
+        branch.usage.add("scored_tokens", 1, self.model.name)
+        branch.usage.add("hidden_states", 1, self.model.name)
+        return feed.hidden
+
     def release(self, branch: LlamaBranch) -> None:
         """Free the branch's cells now; a root's prompt is first copied out into the prefix cache, if there is one."""
         if self._cacheable(branch):
@@ -533,10 +578,16 @@ class _ModelRunner:
             fair = max(1, self.n_batch // len(decodes) - 1)
             drafts = [max(0, min(job.branch.draft_k, job.remaining - 1, fair)) for job in decodes]
         room = self.n_batch - len(decodes) - sum(drafts)
+        # Embeddings make every token of the step an output row: on only when every token is one anyway (see the
+        # module docstring). Text to evaluate goes first; the hidden-state reads wait for a step without it.
+        plain = [f for f in self._feeding if not (f.want_hidden or f.want_logprobs)]
+        hidden = not plain and (any(f.want_hidden for f in self._feeding) or any(j.params.hidden for j in decodes))
         feeds = []
         for feed in self._feeding:
             if room <= 0:
                 break
+            if feed.want_hidden and not hidden:
+                continue
             take = min(room, len(feed.tokens) - feed.done)
             feeds.append((feed, feed.done, feed.done + take))
             room -= take
@@ -544,7 +595,7 @@ class _ModelRunner:
         draft_ops = []
         if any(drafts):  # the speculative step uses the draft's cache: its queued operations come first
             draft_ops, self.draft._kv_ops = self.draft._kv_ops, []
-        return _StepPlan(ops, decodes, feeds, drafts, draft_ops)
+        return _StepPlan(ops, decodes, feeds, drafts, draft_ops, hidden)
 
     def fail_waiting(self, exc: BaseException) -> None:
         for job in self._waiting:
@@ -596,8 +647,12 @@ class _ModelRunner:
             else:
                 llama.llama_memory_clear(self._memory, True)
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
-        """One ``llama_decode`` of (token, position, sequence, wants logits) items; the logits rows asked for."""
+    def _decode(self, items: list[tuple[int, int, int, bool]], hidden: bool = False) -> np.ndarray:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) items; the logits rows asked for. With
+        ``hidden`` every item must want logits, and the hidden states of all rows are in ``_hidden_rows()``."""
+        if hidden != self._embeddings:
+            llama.llama_set_embeddings(self._ctx, hidden)
+            self._embeddings = hidden
         batch = self._batch
         for i, (token, pos, seq, logits) in enumerate(items):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = (
@@ -607,7 +662,14 @@ class _ModelRunner:
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc} (no room in the KV cache or a bad batch)")
         n_out = sum(1 for item in items if item[3])
+        if hidden:
+            assert n_out == len(items), "a step with embeddings on must ask for every row"
+            self._n_rows = n_out
         return np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+
+    def _hidden_rows(self) -> np.ndarray:
+        """The final hidden states of the last decode's rows (a view: copy what you keep)."""
+        return np.ctypeslib.as_array(llama.llama_get_embeddings(self._ctx), shape=(self._n_rows, self.n_embd))
 
     def step(self, plan: _StepPlan) -> _StepOut:
         self._apply_kv_ops(plan.kv_ops)
@@ -618,21 +680,28 @@ class _ModelRunner:
             items += [(token, b.n_past + i, b.seq_id, True) for i, token in enumerate([b.pending, *drafted])]
         for feed, start, stop in plan.feeds:
             b = feed.branch
-            items += [(feed.tokens[k], b.n_past + k - start, b.seq_id, feed.want_logprobs) for k in range(start, stop)]
+            items += [(feed.tokens[k], b.n_past + k - start, b.seq_id, feed.want_logprobs or feed.want_hidden)
+                      for k in range(start, stop)]
         if not items:
             return _StepOut([], [])
-        logits = self._decode(items)
-        samples, row = [], 0
+        logits = self._decode(items, plan.hidden)
+        states = self._hidden_rows() if plan.hidden else None
+        samples, hidden, row = [], [], 0
         for job, (drafted, q) in zip(plan.decodes, proposals):
             samples.append(self._verify(logits[row: row + len(drafted) + 1], drafted, q, job))
+            keep = states is not None and job.params.hidden
+            hidden.append(states[row: row + len(samples[-1])].copy() if keep else None)
             row += len(drafted) + 1
-        feed_logprobs = []
+        feed_logprobs, feed_hidden = [], []
         for feed, start, stop in plan.feeds:
             if feed.want_logprobs:
                 feed_logprobs.append(sum(token_logprob(logits[row + k - start], feed.targets[k])
                                          for k in range(start, stop)))
+            if feed.want_hidden:
+                feed_hidden.append(states[row + stop - start - 1].copy())
+            if feed.want_logprobs or feed.want_hidden:
                 row += stop - start
-        return _StepOut(samples, feed_logprobs)
+        return _StepOut(samples, feed_logprobs, hidden, feed_hidden)
 
     def _verify(self, rows: np.ndarray, drafted: list[int], q: list, job: _Extend) -> list[Sample]:
         """The tokens a decode gives one branch: plain sampling from the first row, or the draft's proposals kept
@@ -681,16 +750,21 @@ class _ModelRunner:
             if b.job is not job:  # released while the step ran
                 continue
             start, entered = b.n_past, []
-            for s in new:
+            states = out.hidden[i] if out.hidden else None
+            for k, s in enumerate(new):
                 entered.append(b.pending)
+                if states is not None:  # row k read the pending token: the branch's tokens so far
+                    b.hidden_state, b.hidden_len = states[k], len(b.tokens)
                 if self._take(job, s):
                     break
             if plan.drafts:
                 self._settle_speculation(b, start, entered, plan.drafts[i], accepted=len(new) - 1)
-        sums = iter(out.feed_logprobs)
+        sums, states = iter(out.feed_logprobs), iter(out.feed_hidden)
         for feed, start, stop in plan.feeds:
             if feed.want_logprobs:
                 feed.logprob += next(sums)
+            if feed.want_hidden:
+                feed.hidden = next(states)
             if feed not in self._feeding:  # released while the step ran
                 continue
             fed = stop - start
@@ -708,6 +782,7 @@ class _ModelRunner:
     def _take(self, job: _Extend, s: Sample) -> bool:
         """The branch's pending token entered the cells and ``s`` is its next one; True when the extend ended."""
         b = job.branch
+        b.last_read = b.pending
         b.n_past += 1
         b.segment.cells += 1
         self._cells_used += 1
@@ -903,6 +978,14 @@ class LlamaCppEngine(Engine):
     async def score(self, branch: Branch, continuation: str) -> float:
         assert isinstance(branch, LlamaBranch)
         return await branch.runner.score(branch, continuation)
+
+    async def hidden(self, branch: Branch) -> np.ndarray:
+        assert isinstance(branch, LlamaBranch)
+        return await branch.runner.hidden(branch)
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        """The ModelInfo of a loaded model (by the name a branch carries; None: the default model)."""
+        return self._runners[name or self.model.name].model
 
     def release(self, branch: Branch) -> None:
         assert isinstance(branch, LlamaBranch)

@@ -20,8 +20,9 @@ in-process engine uses) plus everything the branch has generated. Each operation
   prefix cache, so forks count in ``prompt_tokens_shared`` exactly as on the in-process engine.
 * ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
   no stop strings, no ``stop_if``) issued together -- a strategy's ``gather`` over its forks -- share one request with
-  ``n`` choices where the server honours ``n`` (vLLM, SGLang); elsewhere (llama.cpp's servers) each branch is its own
-  concurrent request. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
+  ``n`` choices where the server honours ``n`` (vLLM, SGLang, llama.cpp's C++ server); elsewhere (llama-cpp-python's
+  server) each branch is its own concurrent request. A server that refuses an ``n`` as too many (llama-server takes
+  at most its slot count) gets requests of the size its refusal names from then on. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
   ``"halted"`` mean what they mean on the in-process engine; closing the stream makes the server stop generating.
   An extend of at most ``WHOLE_MAX_TOKENS`` tokens with no stop string and no ``stop_if`` (a verdict, an answer
   probe) has nothing to stop early and is sent whole, not streamed: its response carries the usage that counts an
@@ -42,7 +43,17 @@ entropy is over those k alternatives only, a lower bound of the model's); the la
 Several base URLs: each request goes to the least-loaded server that is up (ties to the one that served the branch
 before, whose prefix cache holds it). Connection errors, 429 and 5xx are retried, on another server at once if there
 is one, else after an exponential backoff; a server that cannot be reached is skipped for ``DOWN_S`` seconds, and the
-final error says which server failed and how.
+final error says which server failed and how. A 429, 502, 503 or 504 also sets the server aside for a while (its
+``Retry-After``, else ``BUSY_S``) so that new requests go elsewhere first.
+
+Faults during a stream are survived the same way. A stream that breaks (the server was killed, the connection
+reset) or goes silent for ``stall_timeout`` seconds while the server does not answer a ping within ``PING_S`` (it
+hangs: SIGSTOP, a wedged process; a server that is merely busy answers the ping and is waited for) is abandoned, the
+server is set aside for ``DOWN_S``, and every branch it was extending resumes from the text it has so far, as a
+request of its own for the tokens left, on another server if one is up (at most ``retries`` times per extend). The
+tokens streamed before the break stay counted once; what a dead server generated but never sent is not counted (it
+never reached ponder). Non-streamed requests that hang are abandoned and retried the same way. A server that cannot
+be reached when the engine starts is skipped (and tried again later) as long as one other server answers.
 
 What a server honours is asked of it by small probe requests (``max_tokens=1``; the engine's own, not counted in any
 request's usage). Only ``n`` is probed when the engine starts: dispatch needs it for the first request, and the probe
@@ -63,6 +74,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,11 +82,12 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
+import httpx
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..prompts import CHAT_TEMPLATES
-from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError,
-                   RemoteUnavailableError, SamplingParams, ScoreUnsupportedError, StopIf, Usage)
+from .base import (Branch, Engine, EngineStats, HiddenUnsupportedError, Message, ModelInfo, PonderError,
+                   PromptTooLongError, RemoteUnavailableError, SamplingParams, ScoreUnsupportedError, StopIf, Usage)
 
 try:
     import openai
@@ -83,7 +96,10 @@ except ModuleNotFoundError as e:  # the client is an optional extra: only --engi
         raise
     raise PonderError('--engine openai needs the optional openai client: pip install "ponder[remote]"') from None
 
-DOWN_S = 10.0  # how long a server that failed to connect is skipped
+DOWN_S = 10.0  # how long a server that failed to connect (or hung, or broke a stream) is skipped
+BUSY_S = 5.0  # how long a server that answered 429/502/503/504 without Retry-After is skipped
+STALL_S = 10.0  # silence of a server (no response, no chunk) after which ponder asks whether it is alive
+PING_S = 5.0  # how long that question (GET /models) may take before the server counts as hung
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry waits: 0.5 s, 1 s, 2 s, ... at most 8 s (less up to 25 % jitter)
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # a prompt whose every token is predictable
 WHOLE_MAX_TOKENS = 32  # a plain extend this short is sent whole: cancelling it saves little, its usage counts appends
@@ -117,6 +133,7 @@ class _Extend:
     future: asyncio.Future
     text_start: int  # stop strings are searched in the text of this extend only
     done: bool = False
+    generated: int = 0  # tokens this extend has received (a resumed extend asks for the rest)
     ended_here: bool = False  # ended by a stop string, stop_if or release rather than by the server
     request: asyncio.Task | None = None
     group: list[_Extend] = field(default_factory=list)  # the extends that read the same request
@@ -156,21 +173,36 @@ async def _close_when_cancelled(clients: list[openai.AsyncOpenAI]) -> None:
 class OpenAIEngine(Engine):
     def __init__(self, base_urls: list[str], model: str | None = None, *, chat_template: str = "qwen2.5",
                  api_key: str | None = None, timeout: float = 600.0, retries: int = 3, max_concurrency: int = 64,
-                 max_n: int = 64):
+                 max_n: int = 64, stall_timeout: float = STALL_S):
         if not base_urls:
             raise PonderError("the openai engine needs at least one base URL (e.g. http://127.0.0.1:8000/v1)")
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         self._timeout = openai.Timeout(timeout, connect=5.0)
         self._retries = retries
+        self._stall_timeout = stall_timeout
+        # What faults cost (bench_faults.py reads them): requests sent again, extends resumed after a broken or hung
+        # stream, servers found hung by a ping.
+        self.faults = {"retries": 0, "resumed": 0, "hung": 0}
         self._max_concurrency = max_concurrency
         self._max_n = max_n
         self._template = _chat_formatter(chat_template)
         urls = [_api_root(u) for u in base_urls]
         clients = {url: openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self._timeout)
                    for url in urls}
-        listed = {url: _model_ids(client, url) for url, client in clients.items()}
-        served = model or _only_model(urls[0], listed[urls[0]])
-        self._servers = [_probe_n(clients[url], url, listed[url], served) for url in urls]
+        listed, unreachable = {}, {}
+        for url, client in clients.items():
+            try:
+                listed[url] = _model_ids(client, url)
+            except RemoteUnavailableError as exc:
+                unreachable[url] = exc
+        if not listed:
+            raise next(iter(unreachable.values()))
+        first = next(iter(listed))
+        served = model or _only_model(first, listed[first])
+        # A server down at start is set aside and tried again later; n is not assumed of it (one request per branch).
+        self._servers = [_probe_n(clients[url], url, listed[url], served) if url in listed
+                         else _Server(url=url, supports_n=False, down_until=time.monotonic() + DOWN_S)
+                         for url in urls]
         for client in clients.values():
             client.close()
         self._n_everywhere = all(s.supports_n for s in self._servers)
@@ -269,6 +301,11 @@ class OpenAIEngine(Engine):
         except asyncio.CancelledError:
             branch.release()  # the caller gave up (client gone, Ctrl-C): stop its request
             raise
+
+    async def hidden(self, branch: Branch):
+        raise HiddenUnsupportedError("an OpenAI-compatible server returns no hidden states: the hidden-state probe "
+                                     "(verifier, weighting or step scorer 'probe'/'hidden') needs the in-process "
+                                     "engine")
 
     async def score(self, branch: Branch, continuation: str) -> float:
         assert isinstance(branch, RemoteBranch)
@@ -395,12 +432,18 @@ class OpenAIEngine(Engine):
                 for job in batch:
                     job.request, job.group = request, batch
 
-    async def _generate(self, jobs: list[_Extend]) -> None:
+    async def _generate(self, jobs: list[_Extend], resumes: int = 0) -> None:
         """One request -- streamed, or sent whole when short and plain (see ``_Extend.streamed``) -- whose ``n``
-        choices feed ``jobs`` (their branches share prefix and parameters)."""
+        choices feed ``jobs`` (their branches share prefix and parameters). A stream lost to a dead or hung server
+        is resumed: each unfinished job continues from its text so far in a request of its own (``resumes`` counts
+        how often this extend has been)."""
         first = jobs[0]
         params, streamed = first.params, first.streamed
-        body = dict(prompt=first.branch.prompt + first.branch.text, max_tokens=params.max_tokens,
+        left = params.max_tokens - first.generated  # a resumed extend asks for the tokens it has not had yet
+        if left <= 0:  # the stream broke after the last token, before its finish reason
+            self._finish(first, "length")
+            return
+        body = dict(prompt=first.branch.prompt + first.branch.text, max_tokens=left,
                     temperature=params.temperature, top_p=params.top_p,
                     extra_body={"top_k": params.top_k, "min_p": params.min_p,
                                 **({"ignore_eos": True} if params.ignore_eos else {})})
@@ -412,13 +455,13 @@ class OpenAIEngine(Engine):
             body["seed"] = params.seed
         if params.wants_logprobs:
             body["logprobs"] = max(params.top_logprobs, 1)
-        counted, url = 0, "the remote server"
+        counted, url, serving = 0, "the remote server", None
         try:
             if streamed:
                 for job in jobs:
                     await self._count_append(job.branch)
             async with self._request(first.branch.server, **body) as (server, response):
-                url = server.url
+                url, serving = server.url, server
                 for job in jobs:
                     job.branch.server = server
                 if not streamed:
@@ -428,26 +471,79 @@ class OpenAIEngine(Engine):
                     counted = self._take(jobs, response, counted)
                 else:
                     async with response:
-                        async for chunk in response:
+                        chunks = aiter(response)
+                        while (chunk := await self._watch(server, _next_chunk(chunks))) is not _END:
                             counted = self._take(jobs, chunk, counted)
                             if all(j.done for j in jobs) and any(j.ended_here for j in jobs):
                                 break  # the rest is of no use: closing the stream stops the server
             for job in jobs:
                 if not job.done:
-                    raise PonderError(
+                    raise _StreamCut(
                         f"{url} ended the stream before the completion finished (llama-cpp-python's server "
                         "does so when another request arrives unless started with --interrupt_requests false)")
+        except _TooManyChoices as exc:  # sent again in requests of at most the choices the server takes
+            self._max_n = min(self._max_n, exc.limit)
+            loop = asyncio.get_running_loop()
+            for i in range(0, len(jobs), exc.limit):
+                batch = jobs[i : i + exc.limit]
+                request = loop.create_task(self._generate(batch, resumes))
+                for job in batch:
+                    job.request, job.group = request, batch
         except Exception as exc:  # every waiting extend gets the error; a bug reaches its caller unchanged
+            _resolve_finished(jobs)
             error = exc
-            if isinstance(exc, openai.APIConnectionError):  # raised by the stream: the server went away
-                error = RemoteUnavailableError(f"lost the connection to {url} during generation")
+            lost = isinstance(exc, (openai.APIConnectionError, httpx.TransportError, _Stalled, _StreamCut))
+            if lost and serving is not None and not isinstance(exc, _StreamCut):
+                serving.down_until = time.monotonic() + DOWN_S  # dead or hung: the resumed requests go elsewhere
+            unfinished = [j for j in jobs if not j.future.done()]
+            if lost and streamed and unfinished and resumes < self._retries:
+                self.faults["resumed"] += len(unfinished)
+                loop = asyncio.get_running_loop()
+                for job in unfinished:
+                    job.request, job.group = loop.create_task(self._generate([job], resumes + 1)), [job]
+                return
+            if isinstance(exc, _Stalled):
+                error = RemoteUnavailableError(f"{exc} (resumed {resumes} times)")
+            elif lost:
+                error = RemoteUnavailableError(f"lost the connection to {url} during generation "
+                                               f"({type(exc).__name__}: {exc}; resumed {resumes} times)")
             elif isinstance(exc, openai.APIError):
                 error = PonderError(f"{url} failed during generation: {exc}")
-            for job in jobs:
-                if not job.future.done():
-                    job.branch.job = None
-                    job.done = True
-                    job.future.set_exception(error)
+            for job in unfinished:
+                job.branch.job = None
+                job.done = True
+                job.future.set_exception(error)
+        finally:  # a request cancelled by release() too: the jobs the server finished get their branches
+            _resolve_finished(jobs)
+
+    async def _watch(self, server: _Server, awaitable):
+        """Await ``awaitable`` (a request, or a stream's next chunk). If ``server`` sends nothing for
+        ``stall_timeout`` seconds, ask it whether it is alive: one that does not answer within ``PING_S`` hangs, and
+        ``_Stalled`` is raised; a busy one (its slots full, a long prompt) is waited for."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=self._stall_timeout)
+                if done:
+                    return task.result()
+                if not await self._alive(server):
+                    self.faults["hung"] += 1
+                    raise _Stalled(f"{server.url} sent nothing for {self._stall_timeout:g} s and did not answer a "
+                                   f"ping within {PING_S:g} s: it hangs")
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_retrieve)
+
+    async def _alive(self, server: _Server) -> bool:
+        client = self._clients().clients[server.url].with_options(timeout=PING_S, max_retries=0)
+        try:
+            await client.models.list()
+        except openai.APIConnectionError:  # timeouts included
+            return False
+        except openai.APIStatusError:
+            pass  # it answers, if not with the list
+        return True
 
     def _take(self, jobs: list[_Extend], chunk, counted: int) -> int:
         """Apply a streamed chunk (or a whole completion) to ``jobs``; return the tokens counted so far."""
@@ -466,6 +562,7 @@ class OpenAIEngine(Engine):
         logprobs = choice.logprobs
         count = len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(choice.text))
         if count:
+            job.generated += count
             b.text += choice.text
             b.tokens.extend([-1] * count)
             b.context_tokens += count
@@ -479,8 +576,8 @@ class OpenAIEngine(Engine):
             elif job.stop_if is not None and job.stop_if(b):
                 job.ended_here = True
                 self._finish(job, "halted")
-        if not job.done and choice.finish_reason is not None:
-            self._finish(job, "length" if choice.finish_reason == "length" else "stop")
+        if not job.done and choice.finish_reason is not None:  # the caller hears of it once the usage is read
+            self._finish(job, "length" if choice.finish_reason == "length" else "stop", resolve=False)
         return count
 
     def _count_unseen(self, jobs: list[_Extend], unseen: int) -> None:
@@ -500,11 +597,13 @@ class OpenAIEngine(Engine):
                 return True
         return False
 
-    def _finish(self, job: _Extend, reason: str) -> None:
+    def _finish(self, job: _Extend, reason: str, resolve: bool = True) -> None:
+        """End ``job``. ``resolve=False`` (the server ended it) leaves its caller waiting until the request is read
+        to its end, so that the usage that follows the last chunk is counted before the caller goes on."""
         job.done = True
         job.branch.finish_reason = reason
         job.branch.job = None
-        if not job.future.done():
+        if resolve and not job.future.done():
             job.future.set_result(job.branch)
 
     @asynccontextmanager
@@ -524,16 +623,24 @@ class OpenAIEngine(Engine):
                 async with self._slot(clients.slots[server.url]):
                     self._counters.decode_steps += 1
                     try:
-                        response = await clients.clients[server.url].completions.create(model=self.model.name,
-                                                                                        **body)
+                        response = await self._watch(server, clients.clients[server.url].completions.create(
+                            model=self.model.name, **body))
                     except openai.APIConnectionError as exc:
                         server.down_until = time.monotonic() + DOWN_S
                         error = RemoteUnavailableError(f"cannot reach the OpenAI-compatible server at {server.url} "
                                                        f"({exc.__cause__ or exc}); is it running?")
+                    except _Stalled as exc:
+                        server.down_until = time.monotonic() + DOWN_S
+                        error = RemoteUnavailableError(str(exc))
                     except openai.APIStatusError as exc:
                         error = _status_error(server, exc, retried=attempt)
                         if not isinstance(error, RemoteUnavailableError):
+                            limit = _n_limit(exc, body)
+                            if limit is not None:  # llama-server takes n up to its slot count
+                                raise _TooManyChoices(limit) from None
                             raise error from None
+                        if exc.status_code in (429, 502, 503, 504):  # busy or going away: new requests go elsewhere
+                            server.down_until = time.monotonic() + _retry_after(exc)
                     else:
                         yield server, response
                         return
@@ -542,6 +649,7 @@ class OpenAIEngine(Engine):
             failed.add(server.url)
             if attempt == self._retries:
                 raise error
+            self.faults["retries"] += 1
             if len(failed) >= len(self._servers):  # every server has failed once: wait before the next round
                 failed.clear()
                 await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2**attempt) * random.uniform(0.75, 1.0))
@@ -563,6 +671,65 @@ class OpenAIEngine(Engine):
         untried = [s for s in self._servers if s.url not in failed] or self._servers
         candidates = [s for s in untried if s.down_until <= now] or untried
         return min(candidates, key=lambda s: (s.in_flight, s is not hint))
+
+
+class _Stalled(Exception):
+    """A server went silent and did not answer a ping: it hangs (see ``OpenAIEngine._watch``)."""
+
+
+class _TooManyChoices(Exception):
+    """A server refused a request's ``n``; it takes at most ``limit`` choices per request."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} choices per request")
+        self.limit = limit
+
+
+def _n_limit(exc: openai.APIStatusError, body: dict) -> int | None:
+    """If ``exc`` refuses ``body``'s ``n`` > 1 as too many choices, how many the server takes (the bound its message
+    states, else half as many); None for any other refusal."""
+    n = body.get("n", 1)
+    message = _error_message(exc)
+    if exc.status_code != 400 or n <= 1 or not re.search(r"'n'|\bn\b|n_cmpl", message):
+        return None
+    bound = re.search(r"<=\s*(\d+)\s*,", message) or re.search(r"(?:at most|maximum(?: of)?)\s*(\d+)", message)
+    limit = int(bound.group(1)) if bound else n // 2
+    return max(1, min(limit, n - 1))
+
+
+class _StreamCut(Exception):
+    """A stream ended without its completion's finish reason."""
+
+
+_END = object()
+
+
+async def _next_chunk(chunks):
+    """The next chunk of a stream, or ``_END`` (a task cannot end with StopAsyncIteration's kin cleanly)."""
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return _END
+
+
+def _resolve_finished(jobs: list[_Extend]) -> None:
+    """Hand the jobs the server finished to their callers."""
+    for job in jobs:
+        if job.done and not job.future.done():
+            job.future.set_result(job.branch)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark an abandoned task's outcome as seen, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _retry_after(exc: openai.APIStatusError) -> float:
+    try:
+        return min(max(float(exc.response.headers.get("retry-after", "")), 0.5), 60.0)
+    except ValueError:
+        return BUSY_S
 
 
 def _without_seed(params: SamplingParams) -> SamplingParams:

@@ -34,14 +34,14 @@ from starlette.exceptions import HTTPException
 
 from ..engine.base import Engine, EngineError, PonderError, PromptTooLongError, RemoteUnavailableError
 from ..result import Result
-from ..strategies import STRATEGIES
+from ..strategies import STRATEGIES, StrategyCall
 from .admission import Admission, StartLimit
 from .config import ServerConfig
 from .guards import BodyLimit, ClientCap, ContextCheck, client_of, error_response, prompt_chars_that_fit
 from .metrics import CountResponses, ServerMetrics
 from .schemas import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, ChunkDelta,
                       CompletionUsage, ModelCard, ModelList, invalid_request, parse_request)
-from .strategy_call import StrategyCall, plan_call
+from .strategy_call import plan_call
 
 log = logging.getLogger("ponder.server")
 T = TypeVar("T")
@@ -100,7 +100,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         try:
             result, queued_s = await _until_disconnected(request, _run(call, texts, engine, admission, context))
         except ClientDisconnected:
-            log.info("client disconnected; its %s run was cancelled", call.strategy)
+            log.info("client disconnected; its %s run was cancelled", call.strategy.name)
             starts.spend(client)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except ApiError as exc:

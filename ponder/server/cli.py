@@ -13,7 +13,7 @@ import socket
 from ..engine import PonderError
 from ..options import add_model_arguments, engine_from_args, positive_int
 from ..sandbox import UNSANDBOXED_OPT_IN, unsandboxed_opted_in
-from .config import ServerConfig
+from .config import SERVE_STRATEGY, ServerConfig
 
 API_KEY_ENV = "PONDER_API_KEY"
 SHUTDOWN_GRACE_S = 10.0
@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--api-key", default=None,
                        help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV} if set)")
-    serve.add_argument("--strategy", default=defaults.default_strategy,
-                       help=f"strategy for requests that name none (default: {defaults.default_strategy})")
+    serve.add_argument("--strategy", default=SERVE_STRATEGY,
+                       help=f"strategy for requests that name none (default: {SERVE_STRATEGY}; a request's "
+                            "reasoning_effort sets auto's effort)")
     serve.add_argument("--n", type=positive_int, default=defaults.default_n,
                        help=f"branches for requests that give no n (default: {defaults.default_n})")
     serve.add_argument("--max-running", type=positive_int, default=defaults.max_running,

@@ -13,11 +13,12 @@ from ..strategies import get_strategy
 from .schemas import MAX_N
 
 MiB = 1 << 20
+SERVE_STRATEGY = "auto"  # the strategy `ponder serve` runs for requests that name none, unless --strategy says
 
 
 @dataclass
 class ServerConfig:
-    default_strategy: str = "sc"
+    default_strategy: str = "sc"  # for an app built in code; `ponder serve` defaults to auto (SERVE_STRATEGY)
     default_n: int = 8
     api_key: str | None = None
     max_running: int = 16  # strategy runs at once; their branches share the engine's batch

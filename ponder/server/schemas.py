@@ -125,6 +125,9 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI's knob for how much a reasoning model thinks: it sets the effort of strategies that take one (auto);
+    # others ignore it, as OpenAI's non-reasoning models do. "minimal" is OpenAI's name below "low".
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     ponder: PonderOptions | None = None
 
 

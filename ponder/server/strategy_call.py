@@ -1,4 +1,5 @@
-"""From a chat-completion request to one strategy run: which strategy, how many branches, which options.
+"""From a chat-completion request to one strategy run (a ``StrategyCall``): which strategy, how many branches, which
+options.
 
 The rules (documented for users in docs/server.md):
 
@@ -12,6 +13,9 @@ The rules (documented for users in docs/server.md):
   question. The strategy writes its own user turn around the question (``ponder.prompts``); the client's system
   message (system and developer messages, joined by blank lines when there are several) becomes that prompt's system
   message, in place of the model's default one.
+* ``reasoning_effort`` (OpenAI's ``low``/``medium``/``high``; ``minimal`` counts as ``low``) sets the ``effort``
+  option of a strategy that takes one (``auto``: which of its profile's policies, so how much it may spend); other
+  strategies ignore it. With ``ponder.effort`` too, the two must agree.
 * Any other key of ``ponder`` is an option of the strategy, accepted only if the strategy's ``run`` takes a keyword of
   that name, and validated against its type annotation.
 * A question longer than ``ServerConfig.max_prompt_chars`` characters (system message included) is refused here,
@@ -21,32 +25,13 @@ The rules (documented for users in docs/server.md):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from ..engine.base import Engine, PonderError, SamplingParams
-from ..options import OptionError, check_strategy_options
-from ..prompts import DEFAULT_PROMPT, MathPrompt
-from ..result import Result
-from ..strategies import STRATEGIES, get_strategy
+from ..engine.base import PonderError, SamplingParams
+from ..prompts import MathPrompt
+from ..strategies import STRATEGIES, OptionError, StrategyCall, get_strategy
 from .config import ServerConfig
 from .schemas import MAX_N, ApiError, ChatCompletionRequest, ChatMessage
-
-
-@dataclass
-class StrategyCall:
-    strategy: str
-    run: Callable[..., Awaitable[Result]]
-    question: str
-    n: int
-    params: SamplingParams
-    seed: int | None
-    prompt: MathPrompt = DEFAULT_PROMPT
-    options: dict[str, Any] = field(default_factory=dict)
-
-    async def __call__(self, engine: Engine) -> Result:
-        return await self.run(engine, self.question, n=self.n, params=self.params, seed=self.seed, prompt=self.prompt,
-                              **self.options)
 
 
 def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerConfig) -> StrategyCall:
@@ -56,7 +41,7 @@ def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerC
     strategy = _agree("strategy", {"ponder.strategy": ponder and ponder.strategy, "model": named_strategy})
     strategy = strategy or config.default_strategy
     try:
-        run = get_strategy(strategy)
+        declared = get_strategy(strategy)
     except PonderError as exc:
         raise ApiError(400, str(exc), param="ponder.strategy", code="unknown_strategy") from None
     n = _agree("n", {"ponder.n": ponder and ponder.n, "model": named_n,
@@ -64,17 +49,17 @@ def plan_call(request: ChatCompletionRequest, served_model: str, config: ServerC
     extra = dict(ponder.model_extra or {}) if ponder else {}
     if ponder and ponder.budget is not None:
         extra["budget"] = ponder.budget
+    if request.reasoning_effort is not None and "effort" in declared.options:
+        effort = "low" if request.reasoning_effort == "minimal" else request.reasoning_effort
+        extra["effort"] = _agree("effort", {"ponder.effort": extra.get("effort"), "reasoning_effort": effort})
     system = system_of(request.messages)
-    return StrategyCall(
-        strategy=strategy,
-        run=run,
-        question=question_of(request.messages, config.max_prompt_chars, system),
-        n=n or config.default_n,
-        params=sampling_params(request),
-        seed=request.seed,
-        prompt=MathPrompt(system),
-        options=strategy_options(strategy, extra),
-    )
+    question = question_of(request.messages, config.max_prompt_chars, system)
+    try:
+        return StrategyCall(declared, question, n=n or config.default_n, params=sampling_params(request),
+                            seed=request.seed, prompt=MathPrompt(system), options=extra)
+    except OptionError as exc:  # an unknown name or a bad value is a 400 naming it
+        raise ApiError(400, f"ponder.{exc}" if str(exc).startswith("option ") else str(exc),
+                       param=f"ponder.{exc.option}") from None
 
 
 def parse_model_name(requested: str, served: str) -> tuple[str | None, int | None]:
@@ -146,12 +131,3 @@ def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
         return params.validate()
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
-
-
-def strategy_options(strategy: str, given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` checked against the strategy's keywords; an unknown name or a bad value is a 400 naming it."""
-    try:
-        return check_strategy_options(strategy, given)
-    except OptionError as exc:
-        raise ApiError(400, f"ponder.{exc}" if str(exc).startswith("option ") else str(exc),
-                       param=f"ponder.{exc.option}") from None

@@ -22,6 +22,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import LeaderStable
 from .pool import Pool, run_config
+from .registry import Strategy
 
 
 async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingParams = SamplingParams(),
@@ -36,3 +37,7 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
         config = run_config(n=n, params=params, seed=seed, budget=budget, init=init, step=step,
                             threshold=threshold, rule=rule, early_exit=early_exit)
         return pool.result("adaptive", config)
+
+
+STRATEGY = Strategy("adaptive", run, "Adaptive-Consistency: add samples only while the vote is unsettled "
+                    "(Beta/Dirichlet rule)", "vote")

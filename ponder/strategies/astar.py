@@ -33,8 +33,9 @@ import heapq
 from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..scorers import DEFAULT_JUDGE
+from ..verifiers import DEFAULT_JUDGE
 from .pool import run_config
+from .registry import Strategy
 from .search import Node, Search
 
 
@@ -84,3 +85,7 @@ async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingPara
         result = search.result("astar", config, candidates)
         result.details["popped"] = popped
         return result
+
+
+STRATEGY = Strategy("astar", run, "A*-decoding: best-first over partial solutions by step cost + (1 - score), n "
+                    "steps per expansion", "search")

@@ -24,8 +24,9 @@ from __future__ import annotations
 from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..scorers import DEFAULT_JUDGE
+from ..verifiers import DEFAULT_JUDGE
 from .pool import run_config
+from .registry import Strategy
 from .search import Node, Search
 
 
@@ -58,3 +59,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             if len(finished) >= n or not beams or search.exhausted:
                 break
         return search.result("beam", config, finished)
+
+
+STRATEGY = Strategy("beam", run, "beam search over steps: n // m beams, m scored candidate steps each, the best "
+                    "kept", "search")

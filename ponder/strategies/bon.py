@@ -7,14 +7,16 @@ also in ``prompt_tokens``; on a remote server that cannot score, the question as
 verdict as ``generated_tokens``); the token budget caps generation.
 
 Options:
-  verifier  ``self`` (default), ``judge`` or ``program`` (see ``ponder.verifiers``)
-  judge     the judge model for ``verifier=judge``: a bundled model name or a GGUF path (default qwen2.5-1.5b,
-            needs the ``large`` extra); the name of the generating model reuses its engine
+  verifier  ``self`` (default), ``judge``, ``program`` or ``probe`` (see ``ponder.verifiers``); ``probe`` samples
+            with ``hidden=True`` so that reading each candidate's final hidden state costs nothing
+  judge     the judge model for ``verifier=judge``: a bundled model name or a GGUF path (default qwen2.5-1.5b);
+            the name of the generating model reuses its engine
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from ..engine.base import Engine, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
@@ -22,12 +24,15 @@ from ..result import Result
 from ..stopping import ballot
 from ..verifiers import DEFAULT_JUDGE, get_verifier
 from .pool import Pool, run_config
+from .registry import Strategy
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
               verifier: str = "self", judge: str = DEFAULT_JUDGE) -> Result:
     check = get_verifier(verifier, engine=engine, judge=judge)
+    if getattr(check, "wants_hidden", False):
+        params = replace(params, hidden=True)
     config = run_config(n=n, params=params, seed=seed, budget=budget, verifier=verifier,
                         **({"judge": judge} if verifier == "judge" else {}))
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
@@ -39,3 +44,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         support = {i: len(group) for group in ballot(candidates).members.values() for i in group}
         best = max(range(len(candidates)), key=lambda i: (i in support, scores[i], support.get(i, 0), -i))
         return pool.result("bon", config, [candidates[best]], [scores[best]])
+
+
+STRATEGY = Strategy("bon", run, "best-of-n: the candidate a verifier (self, judge, program or probe) scores "
+                    "highest", "verify")

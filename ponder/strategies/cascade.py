@@ -29,6 +29,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
 from .pool import Pool, run_config
+from .registry import Strategy
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
@@ -63,3 +64,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
     result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", config)
     result.details = {"escalated": escalated, "small_answer": leader, "small_share": round(share, 4)}
     return result
+
+
+STRATEGY = Strategy("cascade", run, "the small model samples k answers; below tau agreement the question escalates "
+                    "to the large model", "two models")

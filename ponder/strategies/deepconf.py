@@ -35,6 +35,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ConfidenceFloor, MajorityShare, group_confidences
 from .pool import Pool, run_config
+from .registry import Strategy
 from .weights import CONFIDENCE_TOP_K
 
 METRICS = ("lowest-group", "tail")
@@ -86,3 +87,7 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
         voters = [b for b in pool.finished if weigh(b) > 0]
         config.update(warmup=warmup, step=step, consensus=consensus, threshold=round(floor, 4))
         return pool.result("deepconf", config, voters, [weigh(b) for b in voters])
+
+
+STRATEGY = Strategy("deepconf", run, "DeepConf: confidence-filtered weighted vote; online mode cancels "
+                    "low-confidence branches mid-decode", "vote")

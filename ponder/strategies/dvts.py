@@ -26,8 +26,9 @@ from __future__ import annotations
 from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..scorers import DEFAULT_JUDGE
+from ..verifiers import DEFAULT_JUDGE
 from .pool import run_config
+from .registry import Strategy
 from .search import Node, Search
 
 
@@ -62,3 +63,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             if not plan or search.exhausted:
                 break
         return search.result("dvts", config, finished)
+
+
+STRATEGY = Strategy("dvts", run, "diverse verifier tree search: n // m independent subtrees, each keeps its best "
+                    "scored step", "search")

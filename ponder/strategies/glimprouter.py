@@ -41,6 +41,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
 from .pool import run_config
+from .registry import Strategy
 
 GLIMPSE = SamplingParams(temperature=0.0, max_tokens=1, top_logprobs=20)
 
@@ -103,3 +104,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
     on_large = sum(s["by"] == "large" for s in steps)
     result.details = {"steps": steps, "large_share": round(on_large / len(steps), 4) if steps else None}
     return result
+
+
+STRATEGY = Strategy("glimprouter", run, "per step, the small model's first-token entropy decides which model "
+                    "writes the step", "two models")

@@ -8,12 +8,18 @@ from ..engine.base import Engine, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .pool import Pool, run_config
+from .registry import Strategy
+
+TEMPERATURE = 0.0
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT) -> Result:
     # n and seed are accepted so every strategy shares one signature; greedy always decodes exactly one branch.
-    params = replace(params, temperature=0.0)
+    params = replace(params, temperature=TEMPERATURE)
     async with Pool(engine, question, seed=None, budget=budget, prompt=prompt) as pool:
         await pool.sample(params, first=1)
         return pool.result("greedy", run_config(n=1, params=params, seed=None, budget=budget))
+
+
+STRATEGY = Strategy("greedy", run, "one branch at temperature 0", "vote", temperature=TEMPERATURE)

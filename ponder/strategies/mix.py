@@ -17,6 +17,8 @@ The result lists the program branches, then the reasoning ones. Each branch's ``
 Options:
   program_share  share of the branches that write programs, strictly between 0 and 1 (default 0.5)
   timeout        seconds a program may run, wall clock and CPU (default 5)
+  weighting      how each branch's answer counts, as in ``sc``: ``majority`` (default), ``logprob``, ``probe``, ...
+                 (see ``ponder.strategies.weights``), applied to both kinds
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from .pal import REPLY_START, Programs, program_params, program_prompt
 from .pool import Pool, run_config
+from .registry import Strategy
+from .weights import get_weighting
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
-              program_share: float = 0.5, timeout: float = 5.0) -> Result:
+              program_share: float = 0.5, timeout: float = 5.0, weighting: str = "majority") -> Result:
     if not 0 < program_share < 1:
         raise PonderError(f"program_share must be between 0 and 1 (exclusive), got {program_share}")
     n_programs = round(n * program_share)
@@ -42,7 +46,10 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     if n_programs < 1 or n_cot < 1:
         raise PonderError(f"mix needs a branch of each kind, but n={n} with program_share={program_share} gives "
                           f"{n_programs} program and {n_cot} reasoning branches")
-    config = run_config(n=n, params=params, seed=seed, budget=budget, program_share=program_share, timeout=timeout)
+    scheme = get_weighting(weighting)
+    params = scheme.sampling(params)
+    config = run_config(n=n, params=params, seed=seed, budget=budget, program_share=program_share, timeout=timeout,
+                        weighting=weighting)
     usage = Usage()
     programs = Programs(usage, timeout)
     started = time.perf_counter()
@@ -50,7 +57,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             Pool(engine, question, seed=seed, budget=cot.budget, prompt=program_prompt(prompt)) as coded:
         await coded.root.append(REPLY_START)
         async with asyncio.TaskGroup() as both:  # an error in one kind cancels the other
-            both.create_task(coded.sample(program_params(params), first=n_programs, after_decode=programs.run))
+            both.create_task(coded.sample(scheme.sampling(program_params(params)), first=n_programs,
+                                          after_decode=programs.run))
             both.create_task(cot.sample(params, first=n_cot))
 
         reasoned = {b: BranchSummary.of(b) for b in cot.branches}
@@ -62,11 +70,15 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         program_answers = [programs.answer(b) for b in coded.finished]
         cot_answers = [reasoned[b].answer for b in cot.finished]
         usage.wall_s = time.perf_counter() - started
-        result = Result.from_vote(vote(program_answers + cot_answers), coded_summaries + list(reasoned.values()),
-                                  usage, engine.model, "mix", config)
+        weights = scheme.weigh([*coded.finished, *cot.finished])
+        result = Result.from_vote(vote(program_answers + cot_answers, weights),
+                                  coded_summaries + list(reasoned.values()), usage, engine.model, "mix", config)
         result.details["kinds"] = {"program": _tally(program_answers, len(coded.branches)),
                                    "cot": _tally(cot_answers, len(cot.branches))}
         return result
+
+
+STRATEGY = Strategy("mix", run, "chain-of-thought and program branches (half and half) in one vote", "program")
 
 
 def _tally(answers: list[str | None], branches: int) -> dict:

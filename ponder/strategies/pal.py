@@ -10,9 +10,10 @@ math prompt's template, so a run's ``prompt`` may set the system message but not
 ``n`` programs are sampled from the one prefilled prompt. Each runs in the sandbox as soon as its branch finishes,
 while the other branches are still decoding (``Pool.sample(after_decode=...)``), at most one program per core at a
 time across the whole process (a server runs many requests at once). A program's answer is the last non-empty line
-it printed (see ``printed_answer``); the answers vote with the same equivalence as every strategy. A program that
-fails, times out or prints nothing abstains; its tokens still count. The sandbox's wall time, summed over programs,
-is the usage's ``sandbox`` stage.
+it printed; where the program is in the reply and how its output is read are ``ponder.programs``' (``program_of``,
+``printed_answer``), shared with ``mix`` and the program verifier. The answers vote with the same equivalence as
+every strategy. A program that fails, times out or prints nothing abstains; its tokens still count. The sandbox's
+wall time, summed over programs, is the usage's ``sandbox`` stage.
 
 Every branch of the result carries ``details``: the ``program``, what it printed (``stdout``, its tail when long),
 its ``status``, the last line of its error output (``error``) and its run time (``seconds``). The statuses: ``ok``,
@@ -31,23 +32,20 @@ Options:
 
 from __future__ import annotations
 
-import asyncio
 import math
-import os
 import re
 import signal
-import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from ..answers import extract_answer, normalize
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, Usage
+from ..programs import printed_answer, program_of, run_program
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from ..result import BranchSummary, Result
-from ..sandbox import Limits, Outcome, run_python
+from ..sandbox import Limits, Outcome
 from ..stopping import LeaderStable
 from .pool import Pool, run_config
+from .registry import Strategy
 
 PROMPT = (
     "Write a Python program that solves this problem:\n\n{question}\n\n"
@@ -59,12 +57,6 @@ FENCE = "```"
 REPLY_START = "```python\n"  # the reply opens the code block, so the first generated token is code
 UNTIL = ("none", "adaptive")
 STDOUT_KEPT = 1000  # characters of a program's output kept in the result (its end)
-
-_MATH_WORDS = r"(?:sqrt|pi|exp|log|ln|sin|cos|tan|frac|oo|inf|infinity)\b"
-_LABEL = re.compile(r"^[^=:\d]*[A-Za-z][^=:\d]*[:=]\s*")  # "Total: ", "x = ", "The answer is: "
-_WORDS = re.compile(rf"\b(?!{_MATH_WORDS})[A-Za-z]{{3,}}")  # a word that is not a function name: a sentence
-_PI = re.compile(r"\bpi\b")
-_FLOAT = re.compile(r"-?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][-+]?\d+)")
 
 
 def program_prompt(prompt: MathPrompt = DEFAULT_PROMPT) -> MathPrompt:
@@ -79,34 +71,6 @@ def program_messages(question: str, prompt: MathPrompt = DEFAULT_PROMPT) -> list
 def program_params(params: SamplingParams) -> SamplingParams:
     """``params`` that also stop at the closing fence of the code block."""
     return params if FENCE in params.stop else replace(params, stop=(*params.stop, FENCE))
-
-
-def program_of(branch: Branch) -> str | None:
-    """The program a branch wrote: its reply up to the closing fence (the reply starts inside the code block). None
-    when the reply was cut off before the block closed: that program is unfinished."""
-    body, fence, _ = branch.text.removeprefix(REPLY_START).partition(FENCE)
-    return body if fence or branch.finish_reason == "stop" else None
-
-
-def printed_answer(stdout: str) -> str | None:
-    """The answer a program printed: its last non-empty line. A stated answer (``\\boxed{}``, "the answer is") is
-    read as such; otherwise a "label:" or "name =" prefix is dropped, a sentence gives its last number, a float is
-    rounded to 12 significant digits (a program's 17.999999999999996 is 18), and an expression is written as the
-    answers of reasoning branches are (``2**10`` as ``2^10``, sympy's ``pi`` as ``\\pi``)."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        return None
-    line = lines[-1]
-    stated = extract_answer(line, last_number=False)
-    if stated is not None:
-        return stated
-    value = _LABEL.sub("", line).strip()
-    if _WORDS.search(value):
-        return extract_answer(value)
-    if _FLOAT.fullmatch(value):
-        rounded = float(f"{float(value):.12g}")
-        return str(int(rounded)) if rounded.is_integer() else repr(rounded)
-    return normalize(_PI.sub(r"\\pi", value.replace("**", "^")))  # Python's notation as math-verify reads it
 
 
 @dataclass
@@ -156,18 +120,6 @@ def _tail(text: str) -> str:
     return text if len(text) <= STDOUT_KEPT else "…" + text[-STDOUT_KEPT:]
 
 
-_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def sandbox_slots() -> asyncio.Semaphore:
-    """One sandbox run per core at a time, shared by every run in this process. asyncio's primitives belong to the
-    event loop they are used on, hence one semaphore per loop."""
-    loop = asyncio.get_running_loop()
-    if loop not in _SLOTS:
-        _SLOTS[loop] = asyncio.Semaphore(os.cpu_count() or 1)
-    return _SLOTS[loop]
-
-
 class Programs:
     """The program side of a run: runs each finished branch's program and remembers what it did."""
 
@@ -184,13 +136,7 @@ class Programs:
         if program is None:
             self.runs[branch] = ProgramRun(None, "no program")
             return
-        async with sandbox_slots():
-            start = time.perf_counter()
-            try:
-                outcome = await run_python(program, self.limits)
-            finally:  # a run cancelled because the vote was settled took time too
-                seconds = time.perf_counter() - start
-                self.usage.add_stage("sandbox", seconds)
+        outcome, seconds = await run_program(program, self.limits, self.usage)
         self.runs[branch] = ProgramRun.of(program, outcome, seconds)
 
     def answer(self, branch: Branch) -> str | None:
@@ -230,3 +176,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         result = pool.result("pal", config, summarize=programs.summary)
         result.details["status"] = dict(Counter(b.details["status"] for b in result.branches))
         return result
+
+
+STRATEGY = Strategy("pal", run, "program-aided: n Python programs run in the sandbox as they finish, their printed "
+                    "answers vote", "program", independent_samples=True, chat=program_messages,
+                    branch_params=program_params)

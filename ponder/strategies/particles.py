@@ -32,8 +32,9 @@ from scipy.special import logit, softmax
 from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..scorers import DEFAULT_JUDGE
+from ..verifiers import DEFAULT_JUDGE
 from .pool import run_config
+from .registry import Strategy
 from .search import Node, Search
 
 CERTAIN = 1e-6  # values are clipped to [CERTAIN, 1 - CERTAIN] so that logit stays finite
@@ -79,3 +80,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             if all(node.status == "finished" for node in pool):
                 break
         return search.result("particles", config, [node for node in pool if node.status == "finished"])
+
+
+STRATEGY = Strategy("particles", run, "particle filtering: n partial solutions, resampled by their step "
+                    "scores after every step", "search")

@@ -34,7 +34,10 @@ ENDED_ON_THEIR_OWN = ("stop", "length")
 
 
 def run_config(*, n: int, params: SamplingParams, seed: int | None, budget: int | None, **options) -> dict:
-    """The ``Result.config`` of a run: its size, sampling parameters and strategy options."""
+    """The ``Result.config`` of a run: its size, sampling parameters and strategy options. Calling a strategy through
+    the registry (``Strategy.__call__``) completes it from the run's bound arguments; each strategy still restates
+    its options here so that its bare ``run`` records them too (issue 31: to go, once tests call strategies through
+    the registry, leaving here only what a strategy changes or computes)."""
     sampling = {k: v for k, v in vars(params).items() if k != "seed"}
     return {"n": n, "seed": seed, "budget": budget, **sampling, **options}
 

@@ -1,7 +1,7 @@
 """Self-consistency (Wang et al., 2022): sample N reasoning paths from one prefilled prompt, vote on the answers.
 
 Options:
-  weighting  how each answer counts: ``majority`` (default), ``logprob``, ``self-certainty`` or ``rpc``
+  weighting  how each answer counts: ``majority`` (default), ``logprob``, ``self-certainty``, ``rpc`` or ``probe``
              (see ``ponder.strategies.weights``).
   early_exit end single branches early: ``probe`` (answer probes), ``converge`` (probes, run-length rule),
              ``loop`` (loop cut) or ``probe+loop``, with parameters such as ``probe:every=64,window=2`` (see
@@ -14,6 +14,7 @@ from ..engine.base import Engine, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .pool import Pool, run_config
+from .registry import Strategy
 from .weights import get_weighting
 
 
@@ -27,3 +28,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting,
                             early_exit=early_exit)
         return pool.result("sc", config, finished, scheme.weigh(finished))
+
+
+STRATEGY = Strategy("sc", run, "self-consistency: n samples, majority vote (or weighted: logprob, self-certainty, "
+                    "rpc, probe)", "vote", independent_samples=True)

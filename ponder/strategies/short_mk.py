@@ -14,6 +14,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import FirstM
 from .pool import Pool, run_config
+from .registry import Strategy
 
 
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
@@ -28,6 +29,11 @@ async def first_finish(engine: Engine, question: str, *, n: int = 8, params: Sam
                        prompt: MathPrompt = DEFAULT_PROMPT) -> Result:
     return await _first_m(engine, question, n=n, params=params, seed=seed, budget=budget, prompt=prompt, m=1,
                           name="first-finish")
+
+
+STRATEGY = Strategy("short-m@k", run, "run n branches, stop when m have finished, vote among those m", "vote")
+FIRST_FINISH = Strategy("first-finish", first_finish, "run n branches, answer with the first to finish (short-1@k)",
+                        "vote")
 
 
 async def _first_m(engine: Engine, question: str, *, n: int, params: SamplingParams, seed: int | None,

@@ -21,8 +21,8 @@ large model continues its branch to the end and writes the final answer. The sol
 the result's one branch. ``details`` lists every step (its score, whether it was accepted, its tokens) and the
 acceptance rate; ``usage.models`` holds each model's tokens.
 
-The judge turn is written in ChatML, the chat markup of both bundled models (Qwen2.5), so the engine's ``append`` must
-read those markers as the special tokens they name.
+The judge turn is written by ``ponder.verifiers.llm.judge_turn``, in ChatML, the chat markup of both bundled models
+(Qwen2.5), so the engine's ``append`` must read those markers as the special tokens they name.
 
 Sampling: ``params`` for every step of both models (each step reseeded from ``seed``); ``params.max_tokens`` caps the
 solution's length, whoever wrote it; the budget caps generated plus scored tokens of both models (each draft leaves
@@ -51,14 +51,15 @@ from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
+from ..verifiers.llm import judge_turn
 from .pool import run_config
+from .registry import Strategy
 
 JUDGE_QUESTION = ("Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore "
                   "style, phrasing, or overall usefulness\u2014only judge whether the step is objectively correct and "
                   "logically follows from prior steps. Assign a score from 0 to 9.")
 # Closes the assistant's turn, asks as the user, and opens the reply with SpecReason's prefix.
-JUDGE_TURN = (f"<|im_end|>\n<|im_start|>user\n{JUDGE_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
-              "I think the quality score is: ")
+JUDGE_TURN = judge_turn(JUDGE_QUESTION, "I think the quality score is: ")
 DIGITS = "0123456789"
 
 
@@ -142,3 +143,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
     result.details = {"steps": steps, "acceptance_rate": round(sum(s["accepted"] for s in steps) / judged, 4)
                       if judged else None}
     return result
+
+
+STRATEGY = Strategy("specreason", run, "the small model drafts each step, the large one scores it (0-9) and "
+                    "rewrites low-scored steps", "two models")

@@ -7,6 +7,9 @@
 * ``rpc`` -- Reasoning-pruning Perplexity Consistency (Zhou et al., 2025): each distinct reasoning path counts with
   its probability ``exp(mean token logprob)``; identical paths count once; paths that a two-component Weibull mixture
   fitted to the probabilities assigns to the low component, and that are below the mean, are pruned.
+* ``probe`` -- the model's correctness probe on the branch's final hidden state (``ponder.probes``), P(right): the
+  branches sample with ``hidden=True`` and the vector their last decode computed is read, at no cost. A branch that
+  kept none counts 0.5 (no evidence).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ class Weighting:
     weigh: Callable[[Sequence[Branch]], list[float]]
     logprobs: bool = False  # the weighting reads branch.token_logprobs
     confidences: bool = False  # the weighting reads branch.confidences
+    hidden: bool = False  # the weighting reads branch.hidden_state
 
     def sampling(self, params: SamplingParams) -> SamplingParams:
         """``params`` with the per-token signals this weighting reads switched on."""
         return replace(params, logprobs=params.logprobs or self.logprobs,
-                       top_logprobs=max(params.top_logprobs, CONFIDENCE_TOP_K if self.confidences else 0))
+                       top_logprobs=max(params.top_logprobs, CONFIDENCE_TOP_K if self.confidences else 0),
+                       hidden=params.hidden or self.hidden)
 
 
 def _path_probability(branch: Branch) -> float:
@@ -79,11 +84,22 @@ def rpc(branches: Sequence[Branch]) -> list[float]:
     return weights
 
 
+NO_PROBE_EVIDENCE = 0.5
+
+
+def probe_weights(branches: Sequence[Branch]) -> list[float]:
+    from ..probes import kept_score
+
+    scores = [kept_score(b) for b in branches]
+    return [NO_PROBE_EVIDENCE if s is None else s for s in scores]
+
+
 WEIGHTINGS = {
     "majority": Weighting(lambda branches: [1.0] * len(branches)),
     "logprob": Weighting(lambda branches: [_path_probability(b) for b in branches], logprobs=True),
     "self-certainty": Weighting(lambda branches: [b.mean_confidence or 0.0 for b in branches], confidences=True),
     "rpc": Weighting(rpc, logprobs=True),
+    "probe": Weighting(probe_weights, hidden=True),
 }
 
 

@@ -3,6 +3,7 @@
 * ``self`` -- the generating model, asked on the candidate's own branch whether its answer is correct: P(Yes).
 * ``judge`` -- a second model of the same engine asked the same question in a fresh prompt (e.g. the bundled 1.5B).
 * ``program`` -- the Python program in the solution, run in the sandbox; does it print the stated answer?
+* ``probe`` -- the generating model's correctness probe on the candidate's final hidden state (``ponder.probes``).
 
 Every verifier's tokens land in the candidate's (the request's) ``Usage``: ``self`` adds the tokens it scores (or,
 on an engine that cannot score, the question it appends and the one token it generates; see ``llm``),
@@ -14,11 +15,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..engine.base import Branch, Engine, PonderError
-from .llm import JudgeVerifier, SelfVerifier
+from .llm import DEFAULT_JUDGE, JudgeVerifier, SelfVerifier
+from .probe import ProbeVerifier
 from .program import ProgramVerifier
 
-VERIFIERS = ("self", "judge", "program")
-DEFAULT_JUDGE = "qwen2.5-1.5b"
+VERIFIERS = ("self", "judge", "program", "probe")
 
 
 class Verifier(Protocol):
@@ -34,4 +35,6 @@ def get_verifier(name: str, *, engine: Engine, judge: str = DEFAULT_JUDGE) -> Ve
         return JudgeVerifier(engine, judge)
     if name == "program":
         return ProgramVerifier()
+    if name == "probe":
+        return ProbeVerifier()
     raise PonderError(f"unknown verifier {name!r}; choose one of: {', '.join(VERIFIERS)}")

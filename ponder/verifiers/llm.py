@@ -25,6 +25,18 @@ import math
 
 from ..engine.base import Branch, Engine, Message, SamplingParams, ScoreUnsupportedError
 
+DEFAULT_JUDGE = "qwen2.5-1.5b"  # the judge model of every judge (verifier, step scorer): the bundled large model
+
+
+def judge_turn(question: str, reply_start: str = "") -> str:
+    """The text that, appended to a branch in the assistant's turn, closes that turn, asks ``question`` as the user,
+    and opens the assistant's reply with ``reply_start``: the judge turn of the step judges (``ponder.scorers``,
+    SpecReason). Written in ChatML, the chat markup of both bundled models (Qwen2.5), which the engines' ``append``
+    reads as the special tokens it names. The engines render whole chats through the model's chat template, but
+    offer no way to render one turn in the middle of a branch; this is the one place that writes it."""
+    return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{reply_start}"
+
+
 # Appended to the candidate's own branch, so the question and solution already in its KV cells are reused. Plain
 # text in the assistant's turn: engines score continuations as text, without chat-template markup.
 SELF_CHECK = "\n\nVerification: is the final answer above correct? Reply Yes or No.\nReply:"
