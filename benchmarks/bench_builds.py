@@ -109,8 +109,8 @@ def main() -> None:
                 row["prefill_vs_portable"] = round(row["prefill_tok_s"] / mean([r["prefill_tok_s"] for r in base]), 2)
             rows.append(row)
 
-    print(f"\n| model | build | extra buffers | prefill tok/s | N=1 tok/s | N=16 tok/s | vs portable (prefill, N=1, "
-          f"N=16) |\n|---|---|---|---:|---:|---:|---|")
+    print("\n| model | build | extra buffers | prefill tok/s | N=1 tok/s | N=16 tok/s | vs portable (prefill, N=1, "
+          "N=16) |\n|---|---|---|---:|---:|---:|---|")
     for r in rows:
         head = f"| {r['model']} | {r['build']} | {'on' if r['extra_buffers'] else 'off'} |"
         if "died" in r:

@@ -161,9 +161,9 @@ def test_probe_weight_without_a_kept_state_is_no_evidence(probe_dir):
 
 
 def test_mix_takes_the_probe_weighting(probe_dir):
-    from tests.test_strategies_mix import KindEngine, reply
+    from kind_engine import KindEngine, program
 
-    engine = KindEngine([reply("print(8)\n")], [RIGHT])
+    engine = KindEngine([program("print(8)\n")], [RIGHT])
     engine.hidden_fn = knows_seven
     majority = asyncio.run(STRATEGIES["mix"](engine, "q", n=3, program_share=0.67, seed=0))
     weighted = asyncio.run(STRATEGIES["mix"](engine, "q", n=3, program_share=0.67, seed=0, weighting="probe"))

@@ -14,33 +14,13 @@ import pytest
 from ponder import models, options, profile as profiles
 from ponder.cli import build_parser, main
 from ponder.engine.base import PonderError, SamplingParams
-from ponder.engine.fake import FakeEngine, Script
 from ponder.profile import SHIPPED, Arm, Policy, Profile, load_profile
 from ponder.server.config import ServerConfig
 from ponder.server.schemas import ChatCompletionRequest
 from ponder.server.strategy_call import plan_call
-from ponder.strategies import STRATEGIES, pal
+from ponder.strategies import STRATEGIES
 
-
-def program(code: str) -> str:
-    return f"{pal.REPLY_START}{code}```"
-
-
-class KindEngine(FakeEngine):
-    """Branches of the program prompt play the program replies in turn, the others the reasoning replies."""
-
-    def __init__(self, programs: list[str], reasoning: list[str], **kwargs):
-        super().__init__(reasoning, **kwargs)
-        self.program_replies = [Script(text) for text in programs]
-        self.programs_handed = 0
-
-    def _scripts_for(self, branch, n):
-        if not branch.prompt.startswith("Write a Python program"):
-            return super()._scripts_for(branch, n)
-        replies = self.program_replies
-        scripts = [replies[(self.programs_handed + i) % len(replies)] for i in range(n)]
-        self.programs_handed += n
-        return scripts
+from kind_engine import KindEngine, program
 
 
 def make_profile(model: str = "", **medium) -> Profile:

@@ -8,29 +8,9 @@ import asyncio
 import pytest
 
 from ponder.engine.base import PonderError, SamplingParams
-from ponder.engine.fake import FakeEngine, Script
-from ponder.strategies import mix, pal
+from ponder.strategies import mix
 
-
-def reply(program: str) -> str:
-    return f"{pal.REPLY_START}{program}```"
-
-
-class KindEngine(FakeEngine):
-    """Branches of the program prompt play the program replies in turn, the others the reasoning replies."""
-
-    def __init__(self, programs: list[str], reasoning: list[str]):
-        super().__init__(reasoning)
-        self.program_replies = [Script(text) for text in programs]
-        self.programs_handed = 0
-
-    def _scripts_for(self, branch, n):
-        if not branch.prompt.startswith("Write a Python program"):
-            return super()._scripts_for(branch, n)
-        replies = self.program_replies
-        scripts = [replies[(self.programs_handed + i) % len(replies)] for i in range(n)]
-        self.programs_handed += n
-        return scripts
+from kind_engine import KindEngine, program
 
 
 def run(engine, **options):
@@ -38,7 +18,7 @@ def run(engine, **options):
 
 
 def test_both_kinds_vote_together_and_each_kind_reports_its_vote():
-    engine = KindEngine([reply("print(6 * 7)\n")], ["so \\boxed{42}", "it is \\boxed{41}"])
+    engine = KindEngine([program("print(6 * 7)\n")], ["so \\boxed{42}", "it is \\boxed{41}"])
     result = run(engine, n=4)
     assert result.answer == "42" and result.votes == {"42": 3, "41": 1}
     assert [b.details["kind"] for b in result.branches] == ["program", "program", "cot", "cot"]
@@ -53,25 +33,25 @@ def test_both_kinds_vote_together_and_each_kind_reports_its_vote():
 
 
 def test_the_share_sets_how_many_branches_write_programs():
-    result = run(KindEngine([reply("print(7)\n")], ["\\boxed{7}"]), n=4, program_share=0.25)
+    result = run(KindEngine([program("print(7)\n")], ["\\boxed{7}"]), n=4, program_share=0.25)
     assert [b.details["kind"] for b in result.branches] == ["program", "cot", "cot", "cot"]
     assert result.config["program_share"] == 0.25
 
 
 def test_a_tie_goes_to_the_programs_answer():
-    result = run(KindEngine([reply("print(7)\n")], ["\\boxed{8}"]), n=2)
+    result = run(KindEngine([program("print(7)\n")], ["\\boxed{8}"]), n=2)
     assert result.votes == {"7": 1, "8": 1} and result.answer == "7"
 
 
 def test_a_failing_program_abstains_and_its_tokens_count():
-    result = run(KindEngine([reply("print(1 / 0)\n")], ["\\boxed{8}"]), n=2)
+    result = run(KindEngine([program("print(1 / 0)\n")], ["\\boxed{8}"]), n=2)
     assert result.answer == "8" and result.details["kinds"]["program"]["votes"] == {}
     assert result.branches[0].details["status"] == "ZeroDivisionError"
     assert result.usage.generated_tokens == sum(b.generated_tokens for b in result.branches)
 
 
 def test_one_budget_caps_both_kinds_together():
-    engine = KindEngine([reply("a = 1\nb = 2\nprint(a + b)\n")], ["one two three four five six \\boxed{3}"])
+    engine = KindEngine([program("a = 1\nb = 2\nprint(a + b)\n")], ["one two three four five six \\boxed{3}"])
     result = run(engine, n=4, budget=12)
     assert result.usage.generated_tokens <= 12
     assert engine.stats().live_branches == 0
@@ -85,4 +65,4 @@ def test_one_budget_caps_both_kinds_together():
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(PonderError, match=message):
-        run(KindEngine([reply("print(7)\n")], ["\\boxed{7}"]), **options)
+        run(KindEngine([program("print(7)\n")], ["\\boxed{7}"]), **options)

@@ -12,7 +12,7 @@ from ponder.engine.base import SamplingParams, ScoreUnsupportedError
 from ponder.engine.fake import FakeEngine, FakeModel, Script, fake_tokens
 from ponder.verifiers import get_verifier
 from ponder.verifiers.llm import NO_EVIDENCE, SELF_CHECK, JudgeVerifier, SelfVerifier, p_yes, p_yes_from_alternatives
-from ponder.verifiers.program import AGREES, DISAGREES, NO_EVIDENCE, ProgramVerifier
+from ponder.verifiers.program import AGREES, DISAGREES, ProgramVerifier
 
 
 def candidate(engine: FakeEngine):
