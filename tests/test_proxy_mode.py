@@ -17,6 +17,7 @@ from llama_cpp import Llama
 
 from ponder.models import resolve_model
 from ponder.server.process import ServerProcess, free_port
+from test_openai_engine_model import skip_where_llama_cpp_server_cannot_run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,6 +32,7 @@ QUESTION = [{"role": "user", "content": "What is 12 + 30?"}]
 @pytest.fixture(scope="module")
 def stack():
     path = resolve_model(MODEL).path
+    skip_where_llama_cpp_server_cannot_run(path)
     vocab = Llama(path, vocab_only=True, verbose=False)
     llama_port, ponder_port = free_port(), free_port()
     llama = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--model_alias", MODEL, "--host",
