@@ -221,15 +221,11 @@ class LlamaServer:
         """Stop the server (resumed first if paused); its exit status, or None if it was never started."""
         if self.process is None:
             return None
+        from ponder.server.process import terminate
+
         if self.process.poll() is None:
             self._signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, self.stop_timeout_s)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -71,11 +71,16 @@ class ServerProcess:
 
     def stop(self) -> int:
         """Stop the server; its exit status (negative: killed by that signal)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, self.stop_timeout_s)
+
+
+def terminate(process: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM ``process``, SIGKILL it if it has not exited within ``timeout_s``; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
