@@ -4,12 +4,10 @@ with completion tokens from the proxy (or ponder's own usage for an in-process r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_peers import render_table, render_targets, systems_with_results  # noqa: E402
+from benchmarks.peers.bench_peers import render_table, render_targets, systems_with_results
 
 
 def write(out_dir: Path, system: str, rows: list[dict], config: dict | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.analysis import traces
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import BenchConfig, ResultsFile, make_header, problem_seed, read_results, run_bench
 from ponder.engine.base import PonderError, SamplingParams
@@ -367,9 +367,6 @@ def test_progress_is_one_line_per_problem_when_stderr_is_not_a_terminal(tmp_path
 
 
 def test_the_trace_analysis_reads_a_results_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("traces", REPO / "benchmarks" / "traces.py")
-    traces = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traces)
     assert traces.auroc([3, 2, 1, 1], [True, True, False, True]) == (1 + 1 + 0.5) / 3
     assert traces.auroc([1, 2], [True, True]) is None  # no wrong branch: nothing to separate
 
@@ -390,7 +387,7 @@ def test_the_trace_analysis_reads_a_results_file(tmp_path):
 
     dataset = load_dataset(str(FIXTURE))
     run_bench(scripted_engine(), dataset, dataset.problems, SC4, tmp_path / "r.jsonl", progress=False)
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "traces.py"), str(tmp_path / "r.jsonl")],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.analysis.traces", str(tmp_path / "r.jsonl")], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "6 problems, 18 branches with an answer" in out and re.search(r"majority\s+16\.7%  \(1/6\)", out)
     assert "agree:" in out and re.search(r"\n\s+1\s+\d+\.\d%\s+\d+\n", out)

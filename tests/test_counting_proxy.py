@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,10 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from benchmarks.peers.counting_proxy import CountingProxy
 from live_server import LiveServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.peers.counting_proxy import CountingProxy  # noqa: E402
 
 SAMPLER = {"top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0}
 WORD_S = 0.02  # the scripted server's time per streamed word (a 50-word stream lasts a second)

@@ -1,4 +1,4 @@
-"""benchmarks/early_exit_stats.py: the headroom of a plain run and the pairing of a probed run with it, on
+"""benchmarks/analysis/early_exit_stats.py: the headroom of a plain run and the pairing of a probed run with it, on
 hand-written results files."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "early_exit_stats.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import early_exit_stats as stats_module  # noqa: E402
+from benchmarks.analysis import early_exit_stats as stats_module
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = [sys.executable, "-m", "benchmarks.analysis.early_exit_stats"]
 
 TRACE = "Each box holds 6 eggs, so 3 boxes hold 3 * 6 = 18 eggs. " * 2 + "So the answer is 18."
 
@@ -56,10 +57,10 @@ def test_the_command_prints_the_headroom_alone_and_pairs_a_probed_run_with_its_f
          "branches": [branch(TRACE[:110], "18", 25, {"exit": "probe", "probes": [
              {"answer": "18", "hesitant": False}, {"answer": "18", "hesitant": False}]})]}])
 
-    alone = subprocess.run([sys.executable, str(SCRIPT), str(base)], capture_output=True, text=True, check=True)
+    alone = subprocess.run([*COMMAND, str(base)], cwd=REPO, capture_output=True, text=True, check=True)
     assert "1 of 1 answered branches state it" in alone.stdout and "probes" not in alone.stdout
 
-    both = subprocess.run([sys.executable, str(SCRIPT), str(base), str(probed)], capture_output=True, text=True,
+    both = subprocess.run([*COMMAND, str(base), str(probed)], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout
     assert "base generated 40; probed generated 25 + probe 10 = 35 (-12.5% against base)" in both
     assert "ended by probe 1 (100%)" in both
@@ -68,5 +69,5 @@ def test_the_command_prints_the_headroom_alone_and_pairs_a_probed_run_with_its_f
 
 
 def test_a_missing_file_is_one_line_and_a_non_zero_exit(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    done = subprocess.run([*COMMAND, str(tmp_path / "none.jsonl")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0 and "no results file" in done.stderr and "Traceback" not in done.stderr

@@ -2,29 +2,24 @@
 cache), the closest CPU stand-in for vLLM/SGLang, and the faults it must survive: a server killed (SIGKILL) or hung
 (SIGSTOP) in the middle of a stream, then restarted, during a ``ponder bench`` run too.
 
-The servers are built once by ``benchmarks/llama_server.py build`` (cached under ~/.cache/ponder/llama-server); where
-it is not built these tests are skipped, saying how to build it. Each starts its servers on free ports of 127.0.0.1
-and stops them. Generations are short.
+The servers are built once by ``benchmarks/testbed/llama_server.py build`` (cached under ~/.cache/ponder/llama-server);
+where it is not built these tests are skipped, saying how to build it. Each starts its servers on free ports of
+127.0.0.1 and stops them. Generations are short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from benchmarks.testbed.llama_server import LlamaServer, unavailable_reason
 from ponder.engine.base import SamplingParams, Usage
 from ponder.engine.openai import OpenAIEngine
 from ponder.strategies import get_strategy
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks.llama_server import LlamaServer, unavailable_reason  # noqa: E402
 
 pytestmark = [pytest.mark.model,
               pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]

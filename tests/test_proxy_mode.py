@@ -15,13 +15,12 @@ import openai
 import pytest
 from llama_cpp import Llama
 
+from benchmarks.peers.counting_proxy import CountingProxy
 from ponder.models import resolve_model
 from ponder.server.process import ServerProcess, free_port
 from test_openai_engine_model import skip_where_llama_cpp_server_cannot_run
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks.peers.counting_proxy import CountingProxy  # noqa: E402
 
 pytestmark = pytest.mark.model
 

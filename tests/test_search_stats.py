@@ -1,23 +1,14 @@
-"""benchmarks/search_stats.py: labels, AUROC and token figures of a search run, on a hand-written tree."""
+"""benchmarks/analysis/search_stats.py: labels, AUROC and token figures of a search run, on a hand-written tree."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.analysis import search_stats
 
-
-def load_search_stats():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("search_stats", REPO / "benchmarks" / "search_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def node(id, parent, score=None, value=None, status="pruned", answer=None):
@@ -47,7 +38,6 @@ def write_results(path: Path, nodes: list[dict]) -> None:
 
 
 def test_a_tree_is_labelled_by_the_solutions_below_each_node(tmp_path):
-    search_stats = load_search_stats()
     write_results(tmp_path / "beam.jsonl", TREE)
     stats = search_stats.summarize(tmp_path / "beam.jsonl")
     assert stats["accuracy"] == 1.0 and stats["some_solution_right"] == 1.0
@@ -63,7 +53,6 @@ def test_a_tree_is_labelled_by_the_solutions_below_each_node(tmp_path):
 
 
 def test_a_file_without_trees_is_a_clear_error(tmp_path):
-    search_stats = load_search_stats()
     path = tmp_path / "sc.jsonl"
     path.write_text(json.dumps({"ponder_results": 1, "strategy": "sc", "model": {"name": "m"}}) + "\n"
                     + json.dumps({"gold": "1", "correct": True, "usage": {}, "details": {}}) + "\n")

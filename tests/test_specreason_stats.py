@@ -1,16 +1,14 @@
-"""benchmarks/specreason_stats.py: acceptance, threshold shares, AUROC and tokens of a specreason run, on a
+"""benchmarks/analysis/specreason_stats.py: acceptance, threshold shares, AUROC and tokens of a specreason run, on a
 hand-written results file."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its sibling ``traces`` too
-import specreason_stats as stats_module  # noqa: E402
+from benchmarks.analysis import specreason_stats as stats_module
 
 
 def problem(correct: bool, scores: list[float], threshold: float, wall_s: float) -> dict:

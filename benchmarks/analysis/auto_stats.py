@@ -1,0 +1,89 @@
+"""What ``auto`` did on a results file: why it stopped, how often the opening pair agreed and was then right, each
+arm's accuracy and tokens, and the cost per problem -- the figures that explain a hit or a miss.
+
+    python -m benchmarks.analysis.auto_stats benchmarks/results/gsm8k-auto/auto.jsonl [--sc SC_RESULTS.jsonl]
+
+With ``--sc``, an sc run's maj@k curve (its own problems, which may be others) at auto's generated tokens per
+problem, interpolated between its k, as context.
+
+The opening's reasoning branch is greedy at temperature 0 on the standard math prompt: it is the model's greedy
+answer on the same problem (decoded in a batch of two, so not always bit-identical to a lone greedy run: llama.cpp's
+logits shift slightly with the batch), and the table reports its accuracy as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter, defaultdict
+
+from ponder.bench.metrics import wilson_interval
+from ponder.bench.runner import read_results
+
+
+def main(path: str, sc: str | None = None) -> None:
+    header, records = read_results(path)
+    n = len(records)
+    right = sum(r["correct"] for r in records)
+    low, high = wilson_interval(right, n)
+    print(f"{path}: {n} problems, {header['model']['name']}, profile "
+          f"{records[0].get('details', {}).get('profile', {}).get('name')!r}")
+    print(f"auto: {right / n:.1%} [{low:.1%}, {high:.1%}], {statistics.fmean(r['wall_s'] for r in records):.1f} s and "
+          f"{statistics.fmean(r['usage']['generated_tokens'] for r in records):.0f} generated tokens per problem "
+          f"(median {statistics.median(r['wall_s'] for r in records):.1f} s, max {max(r['wall_s'] for r in records):.1f} s)")
+    stopped = Counter(r["details"]["stopped"] for r in records)
+    print("stopped: " + ", ".join(f"{k} {v} ({v / n:.0%})" for k, v in stopped.most_common()))
+    for reason in stopped:
+        subset = [r for r in records if r["details"]["stopped"] == reason]
+        print(f"  {reason}: right {sum(r['correct'] for r in subset) / len(subset):.0%}, "
+              f"{statistics.fmean(r['wall_s'] for r in subset):.1f} s, "
+              f"{statistics.fmean(len(r['branches']) for r in subset):.1f} branches")
+    arms: dict[str, list[dict]] = defaultdict(list)
+    first: dict[str, list[dict]] = defaultdict(list)  # each arm's first branch of each problem
+    for r in records:
+        seen = set()
+        for b in r["branches"]:
+            arm = b["details"]["arm"]
+            arms[arm].append(b)
+            if arm not in seen:
+                first[arm].append(b)
+                seen.add(arm)
+    print("arm                branches  right (of its branches)  no vote  mean tokens")
+    for arm, branches in arms.items():
+        voted = [b for b in branches if b["finish_reason"] in ("stop", "length")]
+        print(f"{arm:18s} {len(branches):8d}  {sum(b['correct'] for b in voted) / max(len(voted), 1):22.1%}  "
+              f"{sum(b['answer'] is None for b in voted):7d}  {statistics.fmean(b['generated_tokens'] for b in branches):11.0f}")
+    for arm in ("reasoning-greedy", "program-greedy"):
+        if len(first[arm]) == n:
+            ok = sum(b["correct"] for b in first[arm])
+            lo, hi = wilson_interval(ok, n)
+            print(f"{arm} alone on these problems: {ok / n:.1%} [{lo:.1%}, {hi:.1%}]")
+    both = [(r, first["reasoning-greedy"][i], first["program-greedy"][i]) for i, r in enumerate(records)
+            if i < len(first["reasoning-greedy"]) and i < len(first["program-greedy"])]
+    agreed = [r for r in records if r["details"]["stopped"] == "agreed"]
+    if agreed:
+        print(f"the opening pair agreed on {len(agreed) / n:.0%} of problems and was then right "
+              f"{sum(r['correct'] for r in agreed) / len(agreed):.0%}; escalated {1 - len(agreed) / n:.0%}")
+    if both:
+        either = sum(rg["correct"] or pg["correct"] for _, rg, pg in both)
+        print(f"either greedy arm right: {either / len(both):.0%} (a perfect pick between the two)")
+    if sc:
+        from ponder.bench.metrics import summarize
+
+        _, sc_records = read_results(sc)
+        m = summarize("sc", sc_records)
+        per_k = m.generated_tokens / m.samples
+        tokens = statistics.fmean(r["usage"]["generated_tokens"] for r in records)
+        k = tokens / per_k
+        lo = max(1, min(int(k), m.samples - 1))
+        at = m.maj_at_k[lo - 1] + (m.maj_at_k[lo] - m.maj_at_k[lo - 1]) * (k - lo)
+        print(f"{sc}: maj@k {', '.join(f'{i + 1}: {a:.1%}' for i, a in enumerate(m.maj_at_k))} "
+              f"({per_k:.0f} tokens per sample); at auto's {tokens:.0f} tokens (k = {k:.2f}): {at:.1%}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="ponder bench results of an auto run")
+    parser.add_argument("--sc", help="an sc run's results, for its maj@k curve at auto's tokens")
+    args = parser.parse_args()
+    main(args.results, args.sc)
