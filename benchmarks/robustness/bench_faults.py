@@ -12,6 +12,11 @@ phases on the same problems (GSM8K dev, the first ``--problems``):
    A problem whose run fails anyway (every retry used up) stops the bench with its error, and the bench is resumed
    (``run_bench`` again on the same file), as a user would rerun the command.
 3. **self-kill**: the ``ponder bench`` command itself is SIGKILLed once two problems are in its file, then rerun.
+4. **serve-quiet** and **serve-faults**: ``ponder serve`` (a real server process) over the same endpoints, with
+   ``--clients`` clients sending ``--serve-requests`` chat requests between them, quiet and then under the same fault
+   schedule. Every request must get 200 or a clear 4xx/5xx JSON error within ``--client-timeout`` (else it counts as
+   hung); reported: statuses, errors, p50/p99 latency of requests that overlapped a fault against the others, and
+   (quiet) the completion tokens the answers report against what A and B decoded.
 
 Every phase checks that its results file ends with every problem exactly once, and that each problem's usage adds up
 (generated tokens = the branches' + the one token of the prompt's request). Printed and written to
@@ -217,10 +222,87 @@ def self_kill_phase(urls: list[str], out: Path, args) -> dict:
             **check_results(out, _ids(args))}
 
 
-def _ids(args) -> list[str]:
+def _problems(args) -> list:
     from ponder.bench.datasets import load_dataset
 
-    return [p.id for p in load_dataset("gsm8k").select(limit=args.problems)]
+    return load_dataset("gsm8k").select(limit=args.problems)
+
+
+def _ids(args) -> list[str]:
+    return [p.id for p in _problems(args)]
+
+
+def serve_phase(name: str, urls: list[str], args, injector: Injector | None = None) -> dict:
+    """``ponder serve`` over the endpoints (a real server process), ``--clients`` clients sending
+    ``--serve-requests`` of the problems' questions between them, each one request after another (sc, ``--n``
+    branches); with ``injector``, the faults run meanwhile. Every
+    request must end in 200 or a clear 4xx/5xx JSON error within the client's timeout (a timeout is a hang)."""
+    import httpx
+
+    from ponder.server.process import ServerProcess, free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--engine", "openai", "--model", MODEL,
+               *[x for url in urls for x in ("--base-url", url)], "--strategy", "sc", "--n", str(args.n),
+               "--max-running", str(args.clients)]
+    problems = _problems(args)
+    questions = [problems[i % len(problems)].question for i in range(args.serve_requests)]
+    outcomes: list[dict] = []
+    lock = threading.Lock()
+
+    def client(k: int, model: str) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=args.client_timeout) as http:
+            for i, question in enumerate(questions[k::args.clients]):
+                body = {"model": model, "messages": [{"role": "user", "content": question}],
+                        "max_tokens": args.max_tokens, "seed": i, "ponder": {"strategy": "sc", "n": args.n}}
+                started = time.time()
+                outcome = {"client": k, "started": started}
+                try:
+                    response = http.post("/v1/chat/completions", json=body)
+                    outcome["status"] = response.status_code
+                    payload = response.json()
+                    if response.status_code == 200:
+                        outcome["completion_tokens"] = payload["usage"]["completion_tokens"]
+                    else:
+                        outcome["error"] = payload.get("error", {}).get("message", "")[:200]
+                except httpx.TimeoutException:
+                    outcome["status"] = "timeout"
+                except (httpx.TransportError, ValueError) as exc:
+                    outcome["status"] = f"broken: {type(exc).__name__}"
+                outcome["finished"] = time.time()
+                outcome["wall_s"] = round(outcome["finished"] - started, 2)
+                with lock:
+                    outcomes.append(outcome)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with ServerProcess(command, port, env=env, cwd=str(ROOT)) as server:
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        started = time.time()
+        thread = injector.start() if injector else None
+        clients = [threading.Thread(target=client, args=(k, model)) for k in range(args.clients)]
+        try:
+            for c in clients:
+                c.start()
+            for c in clients:
+                c.join()
+        finally:
+            if injector:
+                injector.done.set()
+                thread.join(timeout=120)
+        wall = time.time() - started
+    if injector and injector.error:
+        raise injector.error
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        statuses[str(o["status"])] = statuses.get(str(o["status"]), 0) + 1
+    windows = injector.windows if injector else []
+    during = [o["wall_s"] for o in outcomes if any(s <= o["finished"] and o["started"] <= e for s, e, _ in windows)]
+    outside = [o["wall_s"] for o in outcomes if not any(s <= o["finished"] and o["started"] <= e
+                                                         for s, e, _ in windows)]
+    return {"phase": name, "wall_s": round(wall, 1), "requests": len(outcomes), "statuses": statuses,
+            "hung": statuses.get("timeout", 0), "errors": sorted({o["error"] for o in outcomes if o.get("error")}),
+            "completion_tokens": sum(o.get("completion_tokens", 0) for o in outcomes),
+            "latency_during_faults": percentiles(during), "latency_outside_faults": percentiles(outside)}
 
 
 def _shown(path: Path) -> str:
@@ -244,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads of each llama-server")
     parser.add_argument("--hang-s", type=float, default=20.0)
     parser.add_argument("--503-s", dest="unavailable_s", type=float, default=10.0)
-    parser.add_argument("--phases", default="quiet,faults,self-kill")
+    parser.add_argument("--clients", type=int, default=4, help="clients of the serve phases, each one request at a time")
+    parser.add_argument("--client-timeout", type=float, default=300.0,
+                        help="seconds a serve-phase client waits for an answer; longer counts as a hang")
+    parser.add_argument("--serve-requests", type=int, default=24, help="requests of each serve phase, all clients")
+    parser.add_argument("--phases", default="quiet,faults,self-kill,serve-quiet,serve-faults")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robustness" / "faults")
     args = parser.parse_args(argv)
     reason = unavailable_reason()
@@ -286,10 +372,29 @@ def main(argv: list[str] | None = None) -> int:
             killed = self_kill_phase(urls, args.out / "self-kill.jsonl", args)
             report["phases"].append(killed)
             print(json.dumps(killed), flush=True)
+        serve_wall = None
+        if "serve-quiet" in phases:
+            before = server_generated([a, b])
+            served = serve_phase("serve-quiet", urls, args)
+            # ponder serve's answers report the completion tokens of every branch; A and B count what they decoded
+            # (plus the one token of each engine start-up probe per URL).
+            served["server_generated_tokens"] = server_generated([a, b]) - before
+            report["phases"].append(served)
+            serve_wall = served["wall_s"]
+            print(json.dumps(served), flush=True)
+        if "serve-faults" in phases:
+            span = serve_wall or 60.0
+            injector = Injector(a, b, c, at={"kill": 0.1 * span, "hang": 0.35 * span, "503": 0.35 * span + args.hang_s
+                                             + 5}, hang_s=args.hang_s, unavailable_s=args.unavailable_s)
+            served = serve_phase("serve-faults", urls, args, injector=injector)
+            served.update(faults_injected=[w[2] for w in injector.windows], fault_windows=injector.windows)
+            report["phases"].append(served)
+            print(json.dumps(served), flush=True)
     (args.out / "faults.json").write_text(json.dumps(report, indent=1) + "\n")
     lost = sum(p.get("lost", 0) + p.get("duplicates", 0) for p in report["phases"])
-    print(f"problems lost or duplicated: {lost}; written to {args.out / 'faults.json'}")
-    return 0 if lost == 0 else 1
+    hung = sum(p.get("hung", 0) for p in report["phases"] if p["phase"].startswith("serve"))
+    print(f"problems lost or duplicated: {lost}; serve requests hung: {hung}; written to {args.out / 'faults.json'}")
+    return 0 if lost == 0 and hung == 0 else 1
 
 
 if __name__ == "__main__":
