@@ -30,7 +30,7 @@ def reply(program: str) -> str:
 
 def run(engine, **options):
     options.setdefault("n", len(engine.scripts))
-    return asyncio.run(pal.run(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
+    return asyncio.run(pal.STRATEGY(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
 
 
 def test_programs_run_and_their_printed_values_vote():
@@ -157,7 +157,7 @@ def test_ask_json_shows_each_program_its_output_and_status(monkeypatch, capsys):
 
 
 def test_other_strategies_report_no_branch_details():
-    result = asyncio.run(sc.run(FakeEngine(["\\boxed{7}"]), "q", n=2, seed=0))
+    result = asyncio.run(sc.STRATEGY(FakeEngine(["\\boxed{7}"]), "q", n=2, seed=0))
     assert all("details" not in b for b in result.to_dict()["branches"])
 
 

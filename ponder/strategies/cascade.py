@@ -28,7 +28,7 @@ from ..engine.base import Engine, PonderError, SamplingParams, Usage
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
-from .pool import Pool, run_config
+from .pool import Pool
 from .registry import Strategy
 
 
@@ -59,9 +59,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
             deciding = ballot(await pool.sample(large_params, first=m))
         summaries += [pool.summary(b) for b in pool.branches]
     usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, k=k, tau=tau, m=m, small=small, large=large,
-                        early_exit=early_exit)
-    result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", config)
+    result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", {})
     result.details = {"escalated": escalated, "small_answer": leader, "small_share": round(share, 4)}
     return result
 

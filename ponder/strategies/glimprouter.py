@@ -40,7 +40,6 @@ from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
-from .pool import run_config
 from .registry import Strategy
 
 GLIMPSE = SamplingParams(temperature=0.0, max_tokens=1, top_logprobs=20)
@@ -98,9 +97,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
             if branch is not None:
                 branch.release()
     usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, threshold=threshold, step_tokens=step_tokens,
-                        small=small, large=large)
-    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "glimprouter", config)
+    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "glimprouter", {})
     on_large = sum(s["by"] == "large" for s in steps)
     result.details = {"steps": steps, "large_share": round(on_large / len(steps), 4) if steps else None}
     return result

@@ -52,7 +52,6 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
 from ..verifiers.llm import judge_turn
-from .pool import run_config
 from .registry import Strategy
 
 JUDGE_QUESTION = ("Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore "
@@ -136,9 +135,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
         for branch in created:
             branch.release()
     usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, threshold=threshold, step_tokens=step_tokens,
-                        small=small, large=large)
-    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "specreason", config)
+    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "specreason", {})
     judged = len(steps)
     result.details = {"steps": steps, "acceptance_rate": round(sum(s["accepted"] for s in steps) / judged, 4)
                       if judged else None}
