@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ponder import options, programs
+from ponder import options
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import BenchConfig, read_results, run_bench
 from ponder.cli import main
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine
 from ponder.prompts import MathPrompt
-from ponder.sandbox import Outcome
+from ponder.programs import Outcome, running
 from ponder.strategies import pal, sc
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bench_problems.jsonl"
@@ -75,8 +75,8 @@ def test_programs_run_while_later_branches_still_decode(monkeypatch):
         live_at_start.append(engine.stats().live_branches)
         return await real_run_python(program, limits)
 
-    real_run_python = programs.run_python
-    monkeypatch.setattr(programs, "run_python", observed)
+    real_run_python = running.run_python
+    monkeypatch.setattr(running, "run_python", observed)
     result = run(engine)
     assert result.votes == {"7": 2}
     # The first program started while the prompt and the long branch were still live (the long one decoding);

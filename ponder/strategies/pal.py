@@ -39,10 +39,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, Usage
-from ..programs import printed_answer, program_of, run_program
+from ..programs import Limits, Outcome, printed_answer, program_of, run_program
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from ..result import BranchSummary, Result
-from ..sandbox import Limits, Outcome
 from ..stopping import LeaderStable
 from .pool import Pool
 from .registry import Strategy, sampling_config
