@@ -19,10 +19,11 @@ import asyncio
 from dataclasses import replace
 
 from ..engine.base import Engine, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
-from ..verifiers import DEFAULT_JUDGE, get_verifier
+from ..verifiers import get_verifier
 from .pool import Pool
 from .registry import Strategy
 

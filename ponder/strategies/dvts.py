@@ -24,9 +24,9 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
 from .registry import Strategy
 from .search import Node, Search
 

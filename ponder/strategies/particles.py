@@ -30,9 +30,9 @@ import numpy as np
 from scipy.special import logit, softmax
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
 from .registry import Strategy
 from .search import Node, Search
 

@@ -21,7 +21,7 @@ large model continues its branch to the end and writes the final answer. The sol
 the result's one branch. ``details`` lists every step (its score, whether it was accepted, its tokens) and the
 acceptance rate; ``usage.models`` holds each model's tokens.
 
-The judge turn is written by ``ponder.verifiers.llm.judge_turn``, in ChatML, the chat markup of both bundled models
+The judge turn is written by ``ponder.judging.judge_turn``, in ChatML, the chat markup of both bundled models
 (Qwen2.5), so the engine's ``append`` must read those markers as the special tokens they name.
 
 Sampling: ``params`` for every step of both models (each step reseeded from ``seed``); ``params.max_tokens`` caps the
@@ -48,10 +48,10 @@ from scipy.special import softmax
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
+from ..judging import judge_turn
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
-from ..verifiers.llm import judge_turn
 from .registry import Strategy
 
 JUDGE_QUESTION = ("Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore "
