@@ -1,6 +1,6 @@
-"""The program sandbox (ponder/programs/sandbox.py), tried as a hostile program would: each attack must fail to do what it
-tries, checked on its effect outside the sandbox where there is one. Benign programs still work; where bwrap cannot
-isolate, programs are refused unless the user opts in."""
+"""The program sandbox (ponder/programs/sandbox.py), tried as a hostile program would: each attack must fail to do
+what it tries, checked on its effect outside the sandbox where there is one. Benign programs still work; where bwrap
+cannot isolate, programs are refused unless the user opts in."""
 
 from __future__ import annotations
 

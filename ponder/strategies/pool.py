@@ -165,8 +165,8 @@ class Pool:
         """Vote on the answers of ``voters`` (default: every branch that ended on its own), weighted by ``weights``,
         and report every branch of the run with the full usage. ``config`` is what the strategy changed or computed
         (the settings it really sampled with, a threshold it found); calling the strategy (``Strategy.__call__``)
-        adds the run's arguments. ``summarize`` reads a branch for the report and the
-        vote (default: the answer its text states)."""
+        adds the run's arguments. ``summarize`` reads a branch for the report and the vote (default: the answer its
+        text states)."""
         summaries = {b: self.summary(b, summarize) for b in self.branches}
         voters = self.finished if voters is None else voters
         ballot = vote([summaries[b].answer for b in voters], None if weights is None else list(weights))
