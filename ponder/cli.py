@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .probes.train import register as register_probe
     from .server.cli import register as register_serve
 
-    from .tune import register as register_tune
+    from .tune.command import register as register_tune
 
     register_bench(sub)
     register_tune(sub)

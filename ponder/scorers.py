@@ -53,7 +53,7 @@ from .answers import extract_answer, vote
 from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from .prompts import DEFAULT_PROMPT, MathPrompt
 from .steps import states_answer
-from .verifiers.llm import DEFAULT_JUDGE, judge_turn, reply_p_yes
+from .judging import DEFAULT_JUDGE, judge_turn, reply_p_yes
 
 SCORERS = ("judge", "probe", "logprob", "hidden")
 

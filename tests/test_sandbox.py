@@ -1,6 +1,6 @@
-"""The program sandbox (ponder/sandbox.py), tried as a hostile program would: each attack must fail to do what it
-tries, checked on its effect outside the sandbox where there is one. Benign programs still work; where bwrap cannot
-isolate, programs are refused unless the user opts in."""
+"""The program sandbox (ponder/programs/sandbox.py), tried as a hostile program would: each attack must fail to do
+what it tries, checked on its effect outside the sandbox where there is one. Benign programs still work; where bwrap
+cannot isolate, programs are refused unless the user opts in."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 import ponder
-from ponder import sandbox, sandbox_cgroup
 from ponder.cli import main as ponder_main
 from ponder.engine import PonderError
-from ponder.sandbox import Limits, run_python
+from ponder.programs import Limits, cgroup, run_python, sandbox, seccomp
 
 SH = "/usr/bin/sh"
 STARTED = "started"  # what a program prints when it managed to start a process
@@ -282,8 +281,8 @@ def test_cannot_signal_processes_outside():
 
 
 def test_risky_kernel_interfaces_are_refused():
-    numbers = [sandbox.SYSCALL_NUMBERS[platform.machine()][name] for name in sandbox.REFUSED_SYSCALLS
-               if name in sandbox.SYSCALL_NUMBERS[platform.machine()]]
+    numbers = [seccomp.SYSCALL_NUMBERS[platform.machine()][name] for name in seccomp.REFUSED_SYSCALLS
+               if name in seccomp.SYSCALL_NUMBERS[platform.machine()]]
     outcome = run(f"""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -462,11 +461,11 @@ def test_only_unix_sockets_can_be_made(family):
 
 
 def _run_cgroups() -> list[Path]:
-    return [directory for controller in sandbox_cgroup.usable_controllers()
-            for directory in controller.parent.glob(f"{sandbox_cgroup.PREFIX}{os.getpid()}-*")]
+    return [directory for controller in cgroup.usable_controllers()
+            for directory in controller.parent.glob(f"{cgroup.PREFIX}{os.getpid()}-*")]
 
 
-needs_cgroups = pytest.mark.skipif(not sandbox_cgroup.usable_controllers(), reason="no usable cgroups here")
+needs_cgroups = pytest.mark.skipif(not cgroup.usable_controllers(), reason="no usable cgroups here")
 
 
 @needs_cgroups
@@ -482,7 +481,7 @@ def test_a_run_has_its_own_memory_and_pids_cgroup():
     found, members, outcome = asyncio.run(look_during_the_run())
     assert outcome.ok
     assert found.get("memory.max", found.get("memory.limit_in_bytes")) == str(300 << 20)
-    assert found["pids.max"] == str(sandbox_cgroup.RUN_PROCESSES)
+    assert found["pids.max"] == str(cgroup.RUN_PROCESSES)
     assert members and all(len(pids) == 2 for pids in members)  # bwrap and the program
     assert _run_cgroups() == []  # removed after the run
 

@@ -50,7 +50,7 @@ def words(n: int, end: str = "") -> str:
 
 
 def run_sc(engine, n=1, max_tokens=512, **options):
-    return asyncio.run(sc.run(engine, "q", n=n, params=SamplingParams(max_tokens=max_tokens), seed=0, **options))
+    return asyncio.run(sc.STRATEGY(engine, "q", n=n, params=SamplingParams(max_tokens=max_tokens), seed=0, **options))
 
 
 def test_probes_fire_every_p_tokens_and_their_forks_are_released():
@@ -179,7 +179,7 @@ def test_the_token_budget_still_caps_generated_tokens():
 def test_cancelling_a_branch_while_its_probe_runs_releases_both():
     agreeing = [words(9, " \\boxed{1}")] * 4  # the vote settles after 10 tokens, while the long branch is probed
     engine = ProbedFake(agreeing + [words(200)], reply=lambda text: f"{len(engine.probe_texts)} and on}}")
-    result = asyncio.run(adaptive.run(engine, "q", n=5, params=SamplingParams(), seed=0, init=5,
+    result = asyncio.run(adaptive.STRATEGY(engine, "q", n=5, params=SamplingParams(), seed=0, init=5,
                                       early_exit="probe:every=3"))
     assert result.answer == "1"
     cancelled = [b for b in result.branches if b.finish_reason == "cancelled"]
@@ -302,8 +302,8 @@ def test_adaptive_deepconf_and_cascade_take_the_option():
         return ProbedFake([words(100, " \\boxed{5}")], reply=lambda text: "6}")
 
     runs = {
-        "adaptive": adaptive.run(engine(), "q", n=4, params=SamplingParams(), seed=0, early_exit="probe:every=10"),
-        "deepconf": deepconf.run(engine(), "q", n=4, params=SamplingParams(), seed=0, warmup=2,
+        "adaptive": adaptive.STRATEGY(engine(), "q", n=4, params=SamplingParams(), seed=0, early_exit="probe:every=10"),
+        "deepconf": deepconf.STRATEGY(engine(), "q", n=4, params=SamplingParams(), seed=0, warmup=2,
                                  early_exit="probe:every=10"),
     }
     for name, coroutine in runs.items():
@@ -314,7 +314,7 @@ def test_adaptive_deepconf_and_cascade_take_the_option():
     two_models = ProbedFake(["\\boxed{0}"], reply=lambda text: "6}", name="qwen2.5-0.5b",
                             models={"qwen2.5-1.5b": [words(100)]})
     two_models.models["qwen2.5-0.5b"].scripts = [Script(words(100, " \\boxed{5}"))]
-    result = asyncio.run(cascade.run(two_models, "q", params=SamplingParams(), seed=0, k=2,
+    result = asyncio.run(cascade.STRATEGY(two_models, "q", params=SamplingParams(), seed=0, k=2,
                                      early_exit="probe:every=10"))
     assert result.answer == "6" and not result.details["escalated"]
     assert all(b.details["early_exit"]["exit"] == "probe" for b in result.branches)

@@ -12,7 +12,7 @@ from ponder.strategies import adaptive
 
 
 def run(engine, **options):
-    return asyncio.run(adaptive.run(engine, "q", params=SamplingParams(), seed=0, **options))
+    return asyncio.run(adaptive.STRATEGY(engine, "q", params=SamplingParams(), seed=0, **options))
 
 
 def test_stops_after_the_first_wave_when_all_agree():
@@ -69,5 +69,5 @@ def test_bad_options_are_clear_errors():
 def test_a_cut_off_branch_does_not_vote_with_its_last_number():
     # every branch is cut at 3 tokens in the middle of a computation: no answer, so nothing ever settles
     engine = FakeEngine(["so 3 + 4 = 7 and then more"])
-    result = asyncio.run(adaptive.run(engine, "q", n=8, params=SamplingParams(max_tokens=3), seed=0))
+    result = asyncio.run(adaptive.STRATEGY(engine, "q", n=8, params=SamplingParams(max_tokens=3), seed=0))
     assert len(result.branches) == 8 and result.votes == {}

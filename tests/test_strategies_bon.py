@@ -21,7 +21,7 @@ def believes_two(context: str, continuation: str) -> float:
 
 
 def run(engine, **options):
-    return asyncio.run(bon.run(engine, "What is 1+1?", n=3, params=SamplingParams(), seed=0, **options))
+    return asyncio.run(bon.STRATEGY(engine, "What is 1+1?", n=3, params=SamplingParams(), seed=0, **options))
 
 
 def test_self_verifier_picks_the_highest_scored_candidate():
@@ -48,7 +48,7 @@ def test_program_verifier_prefers_the_candidate_whose_program_agrees():
         "It is \\boxed{41}",  # no code: 0.5
         "Clearly \\boxed{41}",  # no code: 0.5
     ])
-    result = asyncio.run(bon.run(engine, "q", n=4, params=SamplingParams(), seed=0, verifier="program"))
+    result = asyncio.run(bon.STRATEGY(engine, "q", n=4, params=SamplingParams(), seed=0, verifier="program"))
     assert result.answer == "42"
     assert result.votes == {"42": 1.0}
 
@@ -62,7 +62,7 @@ def test_score_ties_go_to_the_answer_more_candidates_share():
 def test_a_candidate_without_an_answer_never_beats_one_with_an_answer():
     engine = FakeEngine(["no idea", "so \\boxed{5}"], score_fn=lambda context, reply: -0.1 if ("idea" in context) == (
         reply.rstrip().endswith("Yes")) else -5.0)  # the verifier loves the candidate without an answer
-    result = asyncio.run(bon.run(engine, "q", n=2, params=SamplingParams(), seed=0, verifier="self"))
+    result = asyncio.run(bon.STRATEGY(engine, "q", n=2, params=SamplingParams(), seed=0, verifier="self"))
     assert result.answer == "5"
 
 

@@ -30,7 +30,7 @@ class ReleaseLog(FakeEngine):
 
 
 def run(engine, **options):
-    return asyncio.run(deepconf.run(engine, "q", params=SamplingParams(), seed=0, **options))
+    return asyncio.run(deepconf.STRATEGY(engine, "q", params=SamplingParams(), seed=0, **options))
 
 
 def test_online_cancels_the_branch_whose_window_confidence_drops_at_that_step_and_frees_it():

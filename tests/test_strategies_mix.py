@@ -14,7 +14,7 @@ from kind_engine import KindEngine, program
 
 
 def run(engine, **options):
-    return asyncio.run(mix.run(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
+    return asyncio.run(mix.STRATEGY(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
 
 
 def test_both_kinds_vote_together_and_each_kind_reports_its_vote():

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ponder import options, programs
+from ponder import options
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import BenchConfig, read_results, run_bench
 from ponder.cli import main
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine
 from ponder.prompts import MathPrompt
-from ponder.sandbox import Outcome
+from ponder.programs import Outcome, running
 from ponder.strategies import pal, sc
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bench_problems.jsonl"
@@ -30,7 +30,7 @@ def reply(program: str) -> str:
 
 def run(engine, **options):
     options.setdefault("n", len(engine.scripts))
-    return asyncio.run(pal.run(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
+    return asyncio.run(pal.STRATEGY(engine, "What is 6 times 7?", params=SamplingParams(), seed=0, **options))
 
 
 def test_programs_run_and_their_printed_values_vote():
@@ -75,8 +75,8 @@ def test_programs_run_while_later_branches_still_decode(monkeypatch):
         live_at_start.append(engine.stats().live_branches)
         return await real_run_python(program, limits)
 
-    real_run_python = programs.run_python
-    monkeypatch.setattr(programs, "run_python", observed)
+    real_run_python = running.run_python
+    monkeypatch.setattr(running, "run_python", observed)
     result = run(engine)
     assert result.votes == {"7": 2}
     # The first program started while the prompt and the long branch were still live (the long one decoding);
@@ -157,7 +157,7 @@ def test_ask_json_shows_each_program_its_output_and_status(monkeypatch, capsys):
 
 
 def test_other_strategies_report_no_branch_details():
-    result = asyncio.run(sc.run(FakeEngine(["\\boxed{7}"]), "q", n=2, seed=0))
+    result = asyncio.run(sc.STRATEGY(FakeEngine(["\\boxed{7}"]), "q", n=2, seed=0))
     assert all("details" not in b for b in result.to_dict()["branches"])
 
 

@@ -14,7 +14,7 @@ from ponder.strategies.weights import rpc
 
 
 def run_sc(engine, n, **options):
-    return asyncio.run(sc.run(engine, "q", n=n, params=SamplingParams(), seed=0, **options))
+    return asyncio.run(sc.STRATEGY(engine, "q", n=n, params=SamplingParams(), seed=0, **options))
 
 
 def test_majority_vote():
@@ -77,12 +77,12 @@ def test_seeds_follow_the_branch_index():
             seen.append(params.seed)
             return await super().extend(branch, params, stop_if)
 
-    asyncio.run(sc.run(SeedLog(["\\boxed{1}"]), "q", n=3, params=SamplingParams(), seed=10))
+    asyncio.run(sc.STRATEGY(SeedLog(["\\boxed{1}"]), "q", n=3, params=SamplingParams(), seed=10))
     assert seen == [10, 11, 12]
 
 
 def test_greedy_runs_one_branch_at_temperature_zero():
-    result = asyncio.run(greedy.run(FakeEngine(["\\boxed{3}"]), "q", n=8, params=SamplingParams(), seed=1))
+    result = asyncio.run(greedy.STRATEGY(FakeEngine(["\\boxed{3}"]), "q", n=8, params=SamplingParams(), seed=1))
     assert len(result.branches) == 1
     assert result.config["temperature"] == 0.0
     assert result.answer == "3"

@@ -12,7 +12,7 @@ import socket
 
 from ..engine import PonderError
 from ..options import add_model_arguments, engine_from_args, positive_int
-from ..sandbox import UNSANDBOXED_OPT_IN, unsandboxed_opted_in
+from ..programs.sandbox import UNSANDBOXED_OPT_IN, unsandboxed_opted_in
 from .config import SERVE_STRATEGY, ServerConfig
 
 API_KEY_ENV = "PONDER_API_KEY"

@@ -5,6 +5,8 @@ Result`` in a module of its own; the module docstring documents its options, whi
 (typed: ``check_options`` converts and validates them from the annotations). ``prompt`` (a
 ``ponder.prompts.MathPrompt``) is the chat the strategy opens for the question; callers pass it like ``n`` and
 ``params``, never as an option. Callers run a strategy through ``StrategyCall`` (``call.py``), which checks it all.
+The ``config`` of the result ``run`` returns holds only what the strategy changed or computed (the sampling settings
+it really used, a threshold it found); calling the ``Strategy`` adds the run's arguments (``registry.py``).
 
 To add a strategy: write ``ponder/strategies/NAME.py`` with its ``run`` and, below it, its declaration
 ``STRATEGY = Strategy("NAME", run, "one-line summary", family, ...)`` (what replay and ``ponder report`` need to know

@@ -21,7 +21,7 @@ from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import LeaderStable
-from .pool import Pool, run_config
+from .pool import Pool
 from .registry import Strategy
 
 
@@ -34,9 +34,7 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
     settled = LeaderStable(threshold, rule)
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         await pool.sample(params, first=min(init, n), then=step, limit=n, until=settled)
-        config = run_config(n=n, params=params, seed=seed, budget=budget, init=init, step=step,
-                            threshold=threshold, rule=rule, early_exit=early_exit)
-        return pool.result("adaptive", config)
+        return pool.result("adaptive")
 
 
 STRATEGY = Strategy("adaptive", run, "Adaptive-Consistency: add samples only while the vote is unsettled "

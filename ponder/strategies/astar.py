@@ -31,10 +31,9 @@ from __future__ import annotations
 import heapq
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
-from .pool import run_config
 from .registry import Strategy
 from .search import Node, Search
 
@@ -47,8 +46,6 @@ async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingPara
         raise PonderError(f"step_cost must be at least 0, got {step_cost}")
     if frontier < n:
         raise PonderError(f"frontier must hold at least the n={n} children of one expansion, got {frontier}")
-    config = run_config(n=n, params=params, seed=seed, budget=budget, step_cost=step_cost, frontier=frontier,
-                        scorer=scorer, judge=judge, aggregate=aggregate, step_tokens=step_tokens, max_steps=max_steps)
 
     def f(node: Node) -> float:
         return step_cost * node.depth + 1 - node.value
@@ -82,7 +79,7 @@ async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingPara
             candidates = [solution]
         else:  # the budget ran out first: the best complete solution in the open set, if any
             candidates = [entry[2] for entry in sorted(open_set) if entry[2].status == "finished"][:1]
-        result = search.result("astar", config, candidates)
+        result = search.result("astar", candidates)
         result.details["popped"] = popped
         return result
 

@@ -44,7 +44,7 @@ from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from ..stopping import TokenBudget
 from .pal import REPLY_START, Programs, program_params, program_prompt
-from .pool import Pool, run_config
+from .pool import Pool
 from .registry import Strategy
 
 
@@ -155,9 +155,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         answers = [arms.answer(branch, arm.kind) for arm, branch in voters]
         ballot = vote(answers, [arm.weight for arm, _ in voters])
         usage.wall_s = time.perf_counter() - start
-        config = run_config(n=n, params=params, seed=seed, budget=budget, effort=effort, budget_s=budget_s,
-                            profile=chosen.source, margin=policy.margin, max_branches=policy.max_branches,
-                            timeout=timeout)
+        # What the run's options left open, as the profile filled it in.
+        config = {"profile": chosen.source, "margin": policy.margin, "max_branches": policy.max_branches}
         result = Result.from_vote(ballot, summaries, usage, engine.model, "auto", config)
         per_arm: dict[str, dict] = {}
         for (arm, _), answer in zip(voters, answers):

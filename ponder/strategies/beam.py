@@ -22,10 +22,9 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
-from .pool import run_config
 from .registry import Strategy
 from .search import Node, Search
 
@@ -42,8 +41,6 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     if not 1 <= m <= n:
         raise PonderError(f"beam needs 1 <= m <= n, got m={m}, n={n}")
     width = n // m
-    config = run_config(n=n, params=params, seed=seed, budget=budget, m=m, scorer=scorer, judge=judge,
-                        aggregate=aggregate, pick=pick, step_tokens=step_tokens, max_steps=max_steps)
     async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
                       step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
                       pick=pick) as search:
@@ -58,7 +55,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
                 search.prune(loser)
             if len(finished) >= n or not beams or search.exhausted:
                 break
-        return search.result("beam", config, finished)
+        return search.result("beam", finished)
 
 
 STRATEGY = Strategy("beam", run, "beam search over steps: n // m beams, m scored candidate steps each, the best "

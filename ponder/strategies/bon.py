@@ -19,11 +19,12 @@ import asyncio
 from dataclasses import replace
 
 from ..engine.base import Engine, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
-from ..verifiers import DEFAULT_JUDGE, get_verifier
-from .pool import Pool, run_config
+from ..verifiers import get_verifier
+from .pool import Pool
 from .registry import Strategy
 
 
@@ -33,17 +34,15 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     check = get_verifier(verifier, engine=engine, judge=judge)
     if getattr(check, "wants_hidden", False):
         params = replace(params, hidden=True)
-    config = run_config(n=n, params=params, seed=seed, budget=budget, verifier=verifier,
-                        **({"judge": judge} if verifier == "judge" else {}))
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         candidates = await pool.sample(params, first=n, keep=True)
         if not candidates:  # the budget ran out before any candidate finished
-            return pool.result("bon", config)
+            return pool.result("bon")
         scores = await asyncio.gather(*(check.score(question, c) for c in candidates))
         # support = how many candidates share i's answer; 0 for a candidate without one, which can win only alone
         support = {i: len(group) for group in ballot(candidates).members.values() for i in group}
         best = max(range(len(candidates)), key=lambda i: (i in support, scores[i], support.get(i, 0), -i))
-        return pool.result("bon", config, [candidates[best]], [scores[best]])
+        return pool.result("bon", {}, [candidates[best]], [scores[best]])
 
 
 STRATEGY = Strategy("bon", run, "best-of-n: the candidate a verifier (self, judge, program or probe) scores "

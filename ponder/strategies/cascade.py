@@ -21,15 +21,14 @@ Options:
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
-from ..engine.base import Engine, PonderError, SamplingParams, Usage
+from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot
-from .pool import Pool, run_config
 from .registry import Strategy
+from .two_models import TwoModelRun
 
 
 async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingParams = SamplingParams(),
@@ -40,28 +39,22 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
         raise PonderError(f"k and m must be at least 1, got k={k}, m={m}")
     if not 0.0 < tau <= 1.0:
         raise PonderError(f"tau must be in (0, 1], got {tau}")
-    start = time.perf_counter()
-    usage = Usage()  # one account for both pools, so the budget caps both models together
-    async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, model=small, usage=usage,
-                    early_exit=early_exit) as pool:
-        small_votes = ballot(await pool.sample(params, first=k))
-    summaries = [pool.summary(b) for b in pool.branches]  # the small model's branches, then the large one's
-    leader = small_votes.winner
-    share = small_votes.groups[leader] / k if leader is not None else 0.0
-    escalated = share < tau
-    deciding = small_votes
-    if escalated:
-        large_params = replace(params, temperature=0.0) if m == 1 else params
-        # Seeds continue after the small model's, so no large sample repeats a small one's random stream.
-        large_seed = None if seed is None else seed + k
-        async with Pool(engine, question, seed=large_seed, budget=budget, prompt=prompt, model=large, usage=usage,
-                        early_exit=early_exit) as pool:
-            deciding = ballot(await pool.sample(large_params, first=m))
-        summaries += [pool.summary(b) for b in pool.branches]
-    usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, k=k, tau=tau, m=m, small=small, large=large,
-                        early_exit=early_exit)
-    result = Result.from_vote(deciding, summaries, usage, engine.model, "cascade", config)
+    async with TwoModelRun(engine, question, prompt=prompt) as two:  # one usage: the budget caps both models
+        async with two.pool(small, seed=seed, budget=budget, early_exit=early_exit) as pool:
+            small_votes = ballot(await pool.sample(params, first=k))
+        summaries = [pool.summary(b) for b in pool.branches]  # the small model's branches, then the large one's
+        leader = small_votes.winner
+        share = small_votes.groups[leader] / k if leader is not None else 0.0
+        escalated = share < tau
+        deciding = small_votes
+        if escalated:
+            large_params = replace(params, temperature=0.0) if m == 1 else params
+            # Seeds continue after the small model's, so no large sample repeats a small one's random stream.
+            large_seed = None if seed is None else seed + k
+            async with two.pool(large, seed=large_seed, budget=budget, early_exit=early_exit) as pool:
+                deciding = ballot(await pool.sample(large_params, first=m))
+            summaries += [pool.summary(b) for b in pool.branches]
+        result = two.result("cascade", deciding, summaries)
     result.details = {"escalated": escalated, "small_answer": leader, "small_share": round(share, 4)}
     return result
 

@@ -34,8 +34,8 @@ from ..engine.base import Branch, Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ConfidenceFloor, MajorityShare, group_confidences
-from .pool import Pool, run_config
-from .registry import Strategy
+from .pool import Pool
+from .registry import Strategy, sampling_config
 from .weights import CONFIDENCE_TOP_K
 
 METRICS = ("lowest-group", "tail")
@@ -63,15 +63,14 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
     if window < 1 or step < 1:
         raise PonderError(f"window and step must be at least 1, got window={window}, step={step}")
     params = replace(params, top_logprobs=max(params.top_logprobs, CONFIDENCE_TOP_K))  # fills branch.confidences
-    config = run_config(n=n, params=params, seed=seed, budget=budget, mode=mode, keep=keep, window=window,
-                        early_exit=early_exit)
+    config = sampling_config(params)
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         if mode == "offline":
             traces = await pool.sample(params, first=n)
             confidence = {b: trace_confidence(b, window, metric) for b in traces}
             kept = sorted(traces, key=confidence.__getitem__, reverse=True)[:math.ceil(len(traces) * keep / 100)]
             voters = [b for b in traces if b in kept]  # back in finishing order, so ties go to the first finished
-            return pool.result("deepconf", {**config, "metric": metric}, voters, [confidence[b] for b in voters])
+            return pool.result("deepconf", config, voters, [confidence[b] for b in voters])
 
         warm = await pool.sample(params, first=min(warmup, n))
         floor = float(np.percentile([trace_confidence(b, window) for b in warm], 100 - keep)) if warm else 0.0
@@ -85,7 +84,7 @@ async def run(engine: Engine, question: str, *, n: int = 16, params: SamplingPar
             await pool.sample(params, first=step, then=step, limit=n - warmup,
                               stop_if=ConfidenceFloor(floor, window), until=settled)
         voters = [b for b in pool.finished if weigh(b) > 0]
-        config.update(warmup=warmup, step=step, consensus=consensus, threshold=round(floor, 4))
+        config["threshold"] = round(floor, 4)
         return pool.result("deepconf", config, voters, [weigh(b) for b in voters])
 
 

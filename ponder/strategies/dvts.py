@@ -24,10 +24,9 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
-from .pool import run_config
 from .registry import Strategy
 from .search import Node, Search
 
@@ -48,8 +47,6 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
               pick: str = "best", step_tokens: int = 256, max_steps: int = 40) -> Result:
     if not 1 <= m <= n:
         raise PonderError(f"dvts needs 1 <= m <= n, got m={m}, n={n}")
-    config = run_config(n=n, params=params, seed=seed, budget=budget, m=m, scorer=scorer, judge=judge,
-                        aggregate=aggregate, pick=pick, step_tokens=step_tokens, max_steps=max_steps)
     async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
                       step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
                       pick=pick) as search:
@@ -62,7 +59,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             plan = [(tip, m) for tip in tips if tip is not None]
             if not plan or search.exhausted:
                 break
-        return search.result("dvts", config, finished)
+        return search.result("dvts", finished)
 
 
 STRATEGY = Strategy("dvts", run, "diverse verifier tree search: n // m independent subtrees, each keeps its best "

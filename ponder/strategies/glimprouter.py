@@ -32,16 +32,15 @@ Options:
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 from ..answers import vote
-from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
+from ..engine.base import Branch, Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
-from .pool import run_config
 from .registry import Strategy
+from .two_models import TwoModelRun
 
 GLIMPSE = SamplingParams(temperature=0.0, max_tokens=1, top_logprobs=20)
 
@@ -63,18 +62,16 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
               large: str = "qwen2.5-1.5b") -> Result:
     if threshold < 0.0:
         raise PonderError(f"threshold must be at least 0 nats, got {threshold}")
-    start = time.perf_counter()
-    usage = Usage()
-    allowance = StepAllowance(step_tokens=step_tokens, max_tokens=params.max_tokens, budget=budget, usage=usage)
     steps: list[dict] = []
-    small_branch = large_branch = None
 
     def seeded(i: int) -> SamplingParams:
         return replace(params, seed=None if seed is None else seed + i)
 
-    try:
-        small_branch = await engine.open(prompt.messages(question), usage, model=small)
-        large_branch = await engine.open(prompt.messages(question), usage, model=large)
+    async with TwoModelRun(engine, question, prompt=prompt) as two:
+        allowance = StepAllowance(step_tokens=step_tokens, max_tokens=params.max_tokens, budget=budget,
+                                  usage=two.usage)
+        small_branch = await two.open(small)
+        large_branch = await two.open(large)
         ended = False  # the large model wrote the solution's end (else the allowance cut it)
         while True:
             cap = allowance.step(large_branch, reserve=1)  # one token of the budget for the glimpse
@@ -93,14 +90,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
                 break
             await reader.append(step.text)
         solution = await allowance.finish(large_branch, seeded(len(steps)), ended=ended)
-    finally:
-        for branch in (small_branch, large_branch):
-            if branch is not None:
-                branch.release()
-    usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, threshold=threshold, step_tokens=step_tokens,
-                        small=small, large=large)
-    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "glimprouter", config)
+        result = two.result("glimprouter", vote([solution.answer]), [solution])
     on_large = sum(s["by"] == "large" for s in steps)
     result.details = {"steps": steps, "large_share": round(on_large / len(steps), 4) if steps else None}
     return result

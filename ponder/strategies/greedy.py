@@ -7,7 +7,7 @@ from dataclasses import replace
 from ..engine.base import Engine, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from .pool import Pool, run_config
+from .pool import Pool
 from .registry import Strategy
 
 TEMPERATURE = 0.0
@@ -19,7 +19,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
     params = replace(params, temperature=TEMPERATURE)
     async with Pool(engine, question, seed=None, budget=budget, prompt=prompt) as pool:
         await pool.sample(params, first=1)
-        return pool.result("greedy", run_config(n=1, params=params, seed=None, budget=budget))
+        return pool.result("greedy", {"n": 1, "seed": None, "temperature": TEMPERATURE})
 
 
 STRATEGY = Strategy("greedy", run, "one branch at temperature 0", "vote", temperature=TEMPERATURE)

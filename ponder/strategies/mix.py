@@ -31,8 +31,8 @@ from ..engine.base import Engine, PonderError, SamplingParams, Usage
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from .pal import REPLY_START, Programs, program_params, program_prompt
-from .pool import Pool, run_config
-from .registry import Strategy
+from .pool import Pool
+from .registry import Strategy, sampling_config
 from .weights import get_weighting
 
 
@@ -48,8 +48,6 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
                           f"{n_programs} program and {n_cot} reasoning branches")
     scheme = get_weighting(weighting)
     params = scheme.sampling(params)
-    config = run_config(n=n, params=params, seed=seed, budget=budget, program_share=program_share, timeout=timeout,
-                        weighting=weighting)
     usage = Usage()
     programs = Programs(usage, timeout)
     started = time.perf_counter()
@@ -72,7 +70,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         usage.wall_s = time.perf_counter() - started
         weights = scheme.weigh([*coded.finished, *cot.finished])
         result = Result.from_vote(vote(program_answers + cot_answers, weights),
-                                  coded_summaries + list(reasoned.values()), usage, engine.model, "mix", config)
+                                  coded_summaries + list(reasoned.values()), usage, engine.model, "mix",
+                                  sampling_config(params))
         result.details["kinds"] = {"program": _tally(program_answers, len(coded.branches)),
                                    "cot": _tally(cot_answers, len(cot.branches))}
         return result

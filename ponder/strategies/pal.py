@@ -39,13 +39,12 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, Usage
-from ..programs import printed_answer, program_of, run_program
+from ..programs import Limits, Outcome, printed_answer, program_of, run_program
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from ..result import BranchSummary, Result
-from ..sandbox import Limits, Outcome
 from ..stopping import LeaderStable
-from .pool import Pool, run_config
-from .registry import Strategy
+from .pool import Pool
+from .registry import Strategy, sampling_config
 
 PROMPT = (
     "Write a Python program that solves this problem:\n\n{question}\n\n"
@@ -162,10 +161,6 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     if step < 1:
         raise PonderError(f"step must be at least 1, got {step}")
     params = program_params(params)
-    options = {"until": until, "timeout": timeout}
-    if until == "adaptive":
-        options.update(init=init, step=step, threshold=threshold, rule=rule)
-    config = run_config(n=n, params=params, seed=seed, budget=budget, **options)
     usage = Usage()
     programs = Programs(usage, timeout)
     settled = LeaderStable(threshold, rule, answer=programs.answer) if until == "adaptive" else None
@@ -173,7 +168,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         await pool.root.append(REPLY_START)
         await pool.sample(params, first=n if settled is None else min(init, n), then=step, limit=n, until=settled,
                           after_decode=programs.run)
-        result = pool.result("pal", config, summarize=programs.summary)
+        result = pool.result("pal", sampling_config(params), summarize=programs.summary)
         result.details["status"] = dict(Counter(b.details["status"] for b in result.branches))
         return result
 

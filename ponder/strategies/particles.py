@@ -30,10 +30,9 @@ import numpy as np
 from scipy.special import logit, softmax
 
 from ..engine.base import Engine, PonderError, SamplingParams
+from ..judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..verifiers import DEFAULT_JUDGE
-from .pool import run_config
 from .registry import Strategy
 from .search import Node, Search
 
@@ -57,9 +56,6 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
               aggregate: str = "last", pick: str = "best", step_tokens: int = 256, max_steps: int = 40) -> Result:
     if not weight_temperature > 0:
         raise PonderError(f"weight_temperature must be above 0, got {weight_temperature}")
-    config = run_config(n=n, params=params, seed=seed, budget=budget, weight_temperature=weight_temperature,
-                        scorer=scorer, judge=judge, aggregate=aggregate, pick=pick, step_tokens=step_tokens,
-                        max_steps=max_steps)
     rng = np.random.default_rng(seed)
     async with Search(engine, question, params=params, seed=seed, budget=budget, prompt=prompt,
                       step_tokens=step_tokens, max_steps=max_steps, scorer=scorer, judge=judge, aggregate=aggregate,
@@ -79,7 +75,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
             pool = survivors
             if all(node.status == "finished" for node in pool):
                 break
-        return search.result("particles", config, [node for node in pool if node.status == "finished"])
+        return search.result("particles", [node for node in pool if node.status == "finished"])
 
 
 STRATEGY = Strategy("particles", run, "particle filtering: n partial solutions, resampled by their step "

@@ -6,7 +6,7 @@ lives here, and a strategy reads as its algorithm::
 
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         await pool.sample(params, first=4, then=2, limit=16, until=LeaderStable(0.95))
-        return pool.result("adaptive", config)
+        return pool.result("adaptive")
 
 Branch ``i`` of a run (counting across ``sample`` calls) samples with seed ``seed + i``, so an early-stopping
 strategy's first k branches are exactly self-consistency's first k: their accuracy and token counts compare directly.
@@ -31,15 +31,6 @@ from ..stopping import EarlyExit, Rule, TokenBudget, first_of
 
 # Branches that ended on their own vote; "halted" and "cancelled" ones were cut short and abstain.
 ENDED_ON_THEIR_OWN = ("stop", "length")
-
-
-def run_config(*, n: int, params: SamplingParams, seed: int | None, budget: int | None, **options) -> dict:
-    """The ``Result.config`` of a run: its size, sampling parameters and strategy options. Calling a strategy through
-    the registry (``Strategy.__call__``) completes it from the run's bound arguments; each strategy still restates
-    its options here so that its bare ``run`` records them too (issue 31: to go, once tests call strategies through
-    the registry, leaving here only what a strategy changes or computes)."""
-    sampling = {k: v for k, v in vars(params).items() if k != "seed"}
-    return {"n": n, "seed": seed, "budget": budget, **sampling, **options}
 
 
 class Pool:
@@ -168,17 +159,20 @@ class Pool:
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         return replace(params, seed=None if self.seed is None else self.seed + len(self.branches))
 
-    def result(self, strategy: str, config: dict, voters: Sequence[Branch] | None = None,
+    def result(self, strategy: str, config: dict | None = None, voters: Sequence[Branch] | None = None,
                weights: Sequence[float] | None = None,
                summarize: Callable[[Branch], BranchSummary] = BranchSummary.of) -> Result:
         """Vote on the answers of ``voters`` (default: every branch that ended on its own), weighted by ``weights``,
-        and report every branch of the run with the full usage. ``summarize`` reads a branch for the report and the
-        vote (default: the answer its text states)."""
+        and report every branch of the run with the full usage. ``config`` is what the strategy changed or computed
+        (the settings it really sampled with, a threshold it found); calling the strategy (``Strategy.__call__``)
+        adds the run's arguments. ``summarize`` reads a branch for the report and the vote (default: the answer its
+        text states)."""
         summaries = {b: self.summary(b, summarize) for b in self.branches}
         voters = self.finished if voters is None else voters
         ballot = vote([summaries[b].answer for b in voters], None if weights is None else list(weights))
         self.usage.wall_s = time.perf_counter() - self._start
-        return Result.from_vote(ballot, list(summaries.values()), self.usage, self.engine.model, strategy, config)
+        return Result.from_vote(ballot, list(summaries.values()), self.usage, self.engine.model, strategy,
+                                dict(config or {}))
 
     def summary(self, branch: Branch, summarize: Callable[[Branch], BranchSummary] = BranchSummary.of) -> BranchSummary:
         """``summarize(branch)``, with what early exit did to the branch in its details (``early_exit``)."""

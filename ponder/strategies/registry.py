@@ -43,10 +43,17 @@ def as_given(params: SamplingParams) -> SamplingParams:
     return params
 
 
+def sampling_config(params: SamplingParams) -> dict[str, Any]:
+    """The sampling settings a result's ``config`` records: all of ``params`` but the seed (the run's seed is
+    recorded on its own, each branch samples with a seed derived from it)."""
+    return {k: v for k, v in vars(params).items() if k != "seed"}
+
+
 @dataclass(frozen=True, eq=False)
 class Strategy:
     """A strategy as its module declares it. Calling it runs ``run`` (same signature) and completes the result's
-    ``config`` with the run's arguments, defaults included."""
+    ``config`` with the run's arguments, defaults included: a strategy's own ``config`` holds only what it changed
+    or computed."""
 
     name: str
     run: Callable[..., Awaitable[Result]]
@@ -112,8 +119,7 @@ class Strategy:
         return result
 
     def _config(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        params = arguments.get("params", SamplingParams())
-        sampling = {k: v for k, v in vars(params).items() if k != "seed"}
+        sampling = sampling_config(arguments.get("params", SamplingParams()))
         options = {name: arguments[name] for name in self.options if name in arguments}
         return {"n": arguments.get("n"), "seed": arguments.get("seed"), "budget": arguments.get("budget"),
                 **sampling, **options}

@@ -13,8 +13,8 @@ from __future__ import annotations
 from ..engine.base import Engine, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from .pool import Pool, run_config
-from .registry import Strategy
+from .pool import Pool
+from .registry import Strategy, sampling_config
 from .weights import get_weighting
 
 
@@ -25,9 +25,7 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     params = scheme.sampling(params)
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt, early_exit=early_exit) as pool:
         finished = await pool.sample(params, first=n)
-        config = run_config(n=n, params=params, seed=seed, budget=budget, weighting=weighting,
-                            early_exit=early_exit)
-        return pool.result("sc", config, finished, scheme.weigh(finished))
+        return pool.result("sc", sampling_config(params), finished, scheme.weigh(finished))
 
 
 STRATEGY = Strategy("sc", run, "self-consistency: n samples, majority vote (or weighted: logprob, self-certainty, "

@@ -209,7 +209,7 @@ class Search:
         node.branch.release()
         self.scorer.forget(node)
 
-    def result(self, strategy: str, config: dict, candidates: Sequence[Node]) -> Result:
+    def result(self, strategy: str, candidates: Sequence[Node]) -> Result:
         """The answer picked among ``candidates`` (finished solutions; repeated ones count once per entry in a vote),
         with every candidate's record, the usage and the tree. Without candidates, the open and cut nodes are read
         as solutions cut short."""
@@ -230,7 +230,7 @@ class Search:
         self.usage.wall_s = time.perf_counter() - self._start
         distinct = list(dict.fromkeys(candidates))
         result = Result.from_vote(ballot, [node.summary for node in distinct], self.usage, self.engine.model,
-                                  strategy, config)
+                                  strategy, {})
         result.details = {
             "tree": {"nodes": [node.record() for node in self.nodes],
                      "chosen": [node.id for node in chosen.path()] if chosen is not None else []},

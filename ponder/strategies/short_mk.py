@@ -13,7 +13,7 @@ from ..engine.base import Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import FirstM
-from .pool import Pool, run_config
+from .pool import Pool
 from .registry import Strategy
 
 
@@ -43,4 +43,4 @@ async def _first_m(engine: Engine, question: str, *, n: int, params: SamplingPar
         raise PonderError(f"{name} waits for m={m} of n={n} branches; m must not exceed n")
     async with Pool(engine, question, seed=seed, budget=budget, prompt=prompt) as pool:
         finished = await pool.sample(params, first=n, until=enough)
-        return pool.result(name, run_config(n=n, params=params, seed=seed, budget=budget, m=m), finished[:m])
+        return pool.result(name, {"m": m}, finished[:m])  # first-finish's m is its own, not an option

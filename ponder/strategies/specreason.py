@@ -21,7 +21,7 @@ large model continues its branch to the end and writes the final answer. The sol
 the result's one branch. ``details`` lists every step (its score, whether it was accepted, its tokens) and the
 acceptance rate; ``usage.models`` holds each model's tokens.
 
-The judge turn is written by ``ponder.verifiers.llm.judge_turn``, in ChatML, the chat markup of both bundled models
+The judge turn is written by ``ponder.judging.judge_turn``, in ChatML, the chat markup of both bundled models
 (Qwen2.5), so the engine's ``append`` must read those markers as the special tokens they name.
 
 Sampling: ``params`` for every step of both models (each step reseeded from ``seed``); ``params.max_tokens`` caps the
@@ -40,20 +40,19 @@ Options:
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 
 import numpy as np
 from scipy.special import softmax
 
 from ..answers import vote
-from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
+from ..engine.base import Branch, Engine, PonderError, SamplingParams
+from ..judging import judge_turn
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..steps import StepAllowance, extend_step
-from ..verifiers.llm import judge_turn
-from .pool import run_config
 from .registry import Strategy
+from .two_models import TwoModelRun
 
 JUDGE_QUESTION = ("Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore "
                   "style, phrasing, or overall usefulness\u2014only judge whether the step is objectively correct and "
@@ -85,22 +84,16 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
               large: str = "qwen2.5-1.5b") -> Result:
     if not 0.0 <= threshold <= 9.0:
         raise PonderError(f"threshold must be between 0 and 9, got {threshold}")
-    start = time.perf_counter()
-    usage = Usage()
-    allowance = StepAllowance(step_tokens=step_tokens, max_tokens=params.max_tokens, budget=budget, usage=usage)
     steps: list[dict] = []
-    created: list[Branch] = []  # every branch this run opens or forks, released at the end
 
     def seeded(i: int) -> SamplingParams:
         return replace(params, seed=None if seed is None else seed + i)
 
-    def track(branch: Branch) -> Branch:
-        created.append(branch)
-        return branch
-
-    try:
-        drafter = track(await engine.open(prompt.messages(question), usage, model=small))
-        writer = track(await engine.open(prompt.messages(question), usage, model=large))
+    async with TwoModelRun(engine, question, prompt=prompt) as two:
+        allowance = StepAllowance(step_tokens=step_tokens, max_tokens=params.max_tokens, budget=budget,
+                                  usage=two.usage)
+        drafter = await two.open(small)
+        writer = await two.open(large)
         ended = False  # a model wrote the solution's end (else the allowance cut it)
         while not ended:
             i = len(steps)
@@ -108,11 +101,11 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
             if cap < 1:
                 break
             (draft,) = await drafter.fork(1)
-            step = await extend_step(track(draft), seeded(i), cap=cap)
+            step = await extend_step(two.track(draft), seeded(i), cap=cap)
             if step.finished:
                 break  # not judged: the large model writes the final answer below
             (candidate,) = await writer.fork(1)
-            await track(candidate).append(step.text)
+            await two.track(candidate).append(step.text)
             score = await judge(candidate)
             record = {"score": round(score, 3), "accepted": score >= threshold, "draft_tokens": step.tokens}
             steps.append(record)
@@ -132,13 +125,7 @@ async def run(engine: Engine, question: str, *, n: int = 1, params: SamplingPara
             if not ended:
                 await drafter.append(rewrite.text)
         solution = await allowance.finish(writer, seeded(len(steps)), ended=ended)
-    finally:
-        for branch in created:
-            branch.release()
-    usage.wall_s = time.perf_counter() - start
-    config = run_config(n=n, params=params, seed=seed, budget=budget, threshold=threshold, step_tokens=step_tokens,
-                        small=small, large=large)
-    result = Result.from_vote(vote([solution.answer]), [solution], usage, engine.model, "specreason", config)
+        result = two.result("specreason", vote([solution.answer]), [solution])
     judged = len(steps)
     result.details = {"steps": steps, "acceptance_rate": round(sum(s["accepted"] for s in steps) / judged, 4)
                       if judged else None}

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..engine.base import Branch, Engine, PonderError
-from .llm import DEFAULT_JUDGE, JudgeVerifier, SelfVerifier
+from ..judging import DEFAULT_JUDGE
+from .llm import JudgeVerifier, SelfVerifier
 from .probe import ProbeVerifier
 from .program import ProgramVerifier
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from ..answers import equivalent, extract_answer
 from ..engine.base import Branch
-from ..programs import printed_answer, program_of, run_program
-from ..sandbox import Limits
+from ..programs import Limits, printed_answer, program_of, run_program
 
 AGREES, NO_EVIDENCE, DISAGREES = 1.0, 0.5, 0.0
 

@@ -1,4 +1,4 @@
-"""A cgroup per sandbox run (ponder/sandbox.py): the memory limit that counts everything a program makes the kernel
+"""A cgroup per sandbox run (``sandbox.py``): the memory limit that counts everything a program makes the kernel
 hold, and a process limit.
 
 rlimits bound a process's own address space; the memory cgroup also counts what the kernel holds for it: tmpfs and
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .engine.base import PonderError
+from ..engine.base import PonderError
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,12 @@
-"""Programs a model writes: where the program is in a reply, which answer its output gives, and running it in the
-sandbox (``ponder.sandbox``) one program per core at a time. ``pal``, ``mix`` and the ``program`` verifier read
-programs only through here, so a program gives the same answer whichever of them ran it."""
+"""Programs a model writes, read: where the program is in a reply (``program_in``, ``program_of``) and which answer
+its output gives (``printed_answer``)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import time
-import weakref
 
-from .answers import extract_answer, normalize
-from .engine.base import Branch, Usage
-from .sandbox import Limits, Outcome, run_python
+from ..answers import extract_answer, normalize
+from ..engine.base import Branch
 
 # A fenced code block, closed by its fence or left open at the end of the text (group 2 is then empty).
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -59,29 +53,3 @@ def printed_answer(stdout: str) -> str | None:
         rounded = float(f"{float(value):.12g}")
         return str(int(rounded)) if rounded.is_integer() else repr(rounded)
     return normalize(_PI.sub(r"\\pi", value.replace("**", "^")))  # Python's notation as math-verify reads it
-
-
-_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def sandbox_slots() -> asyncio.Semaphore:
-    """One sandbox run per core at a time, shared by every run in this process (a server runs many requests at once).
-    asyncio's primitives belong to the event loop they are used on, hence one semaphore per loop."""
-    loop = asyncio.get_running_loop()
-    if loop not in _SLOTS:
-        _SLOTS[loop] = asyncio.Semaphore(os.cpu_count() or 1)
-    return _SLOTS[loop]
-
-
-async def run_program(program: str, limits: Limits, usage: Usage | None = None) -> tuple[Outcome, float]:
-    """Run ``program`` in the sandbox once a slot is free; returns its outcome and the seconds it ran, which are also
-    added to ``usage``'s ``sandbox`` stage when given (a run cancelled midway took time too)."""
-    async with sandbox_slots():
-        start = time.perf_counter()
-        try:
-            outcome = await run_python(program, limits)
-        finally:
-            seconds = time.perf_counter() - start
-            if usage is not None:
-                usage.add_stage("sandbox", seconds)
-    return outcome, seconds

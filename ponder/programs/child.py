@@ -1,5 +1,5 @@
 """The first code the sandbox's interpreter runs:
-``python -I -S -B sandbox_child.py CPU_S ADDRESS_SPACE OPEN_FILES FILE_SIZE PROGRAM [IMPORT_DIR ...]``.
+``python -I -S -B child.py CPU_S ADDRESS_SPACE OPEN_FILES FILE_SIZE PROGRAM [IMPORT_DIR ...]``.
 
 It lowers the resource limits, soft and hard alike (raising a hard limit again needs a capability the program does
 not have), puts the IMPORT_DIRs on ``sys.path`` (the third-party packages the sandbox offers), and runs PROGRAM as
