@@ -1,4 +1,4 @@
-"""What the program sandbox (ponder/sandbox.py) costs per program, against a plain ``python -I`` subprocess.
+"""What the program sandbox (ponder/programs/sandbox.py) costs per program, against a plain ``python -I`` subprocess.
 
     python -m benchmarks.performance.bench_sandbox                 # -> median and p90 wall ms per program, side by side
     python -m benchmarks.performance.bench_sandbox --runs 30 --out benchmarks/results/performance/sandbox.json
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.robustness.bench_sandbox_hostile import sandbox_at
-from ponder.sandbox import INTERPRETER, run_python
+from ponder.programs.sandbox import INTERPRETER, run_python
 
 PROGRAMS = {
     "trivial": "print(1)",

@@ -1,10 +1,10 @@
-"""What a hostile program costs the host through ``ponder.sandbox.run_python`` (issue 35), measured per class.
+"""What a hostile program costs the host through ``ponder.programs.sandbox.run_python`` (issue 35), measured per class.
 
     python -m benchmarks.robustness.bench_sandbox_hostile --out benchmarks/results/robustness/sandbox-hostile.json
     python -m benchmarks.robustness.bench_sandbox_hostile --rev 1ec433c \
         --out benchmarks/results/robustness/sandbox-hostile-before.json
 
-``--rev`` measures the sandbox as it was at a git revision (its ``ponder/sandbox*.py``, loaded beside today's
+``--rev`` measures the sandbox as it was at a git revision (its ``ponder/programs/`` or, before issue 31, ``ponder/sandbox*.py``, loaded beside today's
 package), so the code before and after a change runs the same attacks on the same machine.
 
 Each class is one program run with the default ``Limits`` but 256 MiB of memory, while a thread samples, every
@@ -132,23 +132,29 @@ ATTACKS = {
 
 
 def sandbox_at(rev: str | None) -> types.ModuleType:
-    """``ponder.sandbox`` as it is, or as it was at git revision ``rev`` (its sandbox modules, with today's rest)."""
+    """The sandbox module as it is, or as it was at git revision ``rev`` (its sandbox files, with today's rest): since
+    issue 31 ``ponder/programs/`` (imported as ``ponder_at_rev.programs.sandbox``), before it ``ponder/sandbox*.py``
+    (imported as ``ponder_at_rev.sandbox``)."""
     if rev is None:
-        return importlib.import_module("ponder.sandbox")
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "ponder/"], check=True,
+        return importlib.import_module("ponder.programs.sandbox")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", rev, "ponder/"], check=True,
                            capture_output=True, text=True).stdout.split()
+    packaged = any(path.startswith("ponder/programs/") for path in files)
+    wanted = [path for path in files if path.startswith("ponder/programs/")] if packaged else \
+        [path for path in files if path.count("/") == 1 and Path(path).name.startswith("sandbox")]
     directory = Path(tempfile.mkdtemp(prefix="ponder-bench-rev-"))
     atexit.register(shutil.rmtree, directory)
-    for path in (path for path in files if Path(path).name.startswith("sandbox")):
+    for path in wanted:
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
                               text=True).stdout
-        Path(directory, Path(path).name).write_text(text)
+        Path(directory, path.removeprefix("ponder/")).parent.mkdir(parents=True, exist_ok=True)
+        Path(directory, path.removeprefix("ponder/")).write_text(text)
     package = types.ModuleType("ponder_at_rev")
     package.__path__ = [str(directory), str(Path(ponder.__file__).parent)]  # the revision's files first
     sys.modules["ponder_at_rev"] = package
     sys.modules["ponder_at_rev.engine"] = ponder.engine
     sys.modules["ponder_at_rev.engine.base"] = ponder.engine.base
-    return importlib.import_module("ponder_at_rev.sandbox")
+    return importlib.import_module("ponder_at_rev.programs.sandbox" if packaged else "ponder_at_rev.sandbox")
 
 
 def meminfo() -> dict[str, int]:
