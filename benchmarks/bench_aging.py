@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ponder.engine import SamplingParams, Usage, load_engine  # noqa: E402
+from ponder.engine import SamplingParams, Usage  # noqa: E402
+from ponder.models import load_engine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_dev.jsonl"
 

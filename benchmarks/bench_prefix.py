@@ -42,7 +42,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ponder.engine import SamplingParams, Usage, load_engine  # noqa: E402
+from ponder.engine import SamplingParams, Usage  # noqa: E402
+from ponder.models import load_engine  # noqa: E402
 from ponder.prompts import MathPrompt  # noqa: E402
 from ponder.server.process import ServerProcess, free_port  # noqa: E402
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_kv import mean_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
-from ponder.engine.llamacpp import quiet_llama_log  # noqa: E402
+from ponder.engine.llamacpp.vocabulary import quiet_llama_log  # noqa: E402
 from ponder.models import DERIVED, DERIVED_TYPES, derive, derived_record, resolve_model  # noqa: E402
 
 SHIPPED = "q4_k_m"  # the format the bundled models ship in

@@ -38,7 +38,7 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ponder.engine import load_engine  # noqa: E402
+from ponder.models import load_engine  # noqa: E402
 from ponder.engine.base import SamplingParams  # noqa: E402
 from ponder.server.process import ServerProcess, free_port  # noqa: E402
 from ponder.strategies import get_strategy  # noqa: E402

@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .engine import ENGINES, load_engine
 from .engine.base import Engine, PonderError, SamplingParams
+from .engine.chat_templates import CHAT_TEMPLATES
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
-from .models import CATALOG, DEFAULT_MODEL
-from .prompts import CHAT_TEMPLATES, INSTRUCTION, MathPrompt
+from .models import CATALOG, DEFAULT_MODEL, ENGINES, load_engine
+from .prompts import INSTRUCTION, MathPrompt
 
 
 def _whole_number(text: str, minimum: int) -> int:

@@ -1,6 +1,6 @@
 """Bookkeeping of the in-process engine's KV cells, and the prefix cache that keeps finished prompts' KV.
 
-Pure Python and numpy, no llama.cpp: the engine (``llamacpp.py``) turns these decisions into KV operations.
+Pure Python and numpy, no llama.cpp: the engine (``llamacpp/runner.py``) turns these decisions into KV operations.
 
 **Segments: the tree of KV cells.** A ``Segment`` is a run of cells one sequence wrote between two branching points.
 A branch holds the segment it writes into; every segment holds its ``parent``, the segment of the cells before it. So
