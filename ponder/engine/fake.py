@@ -18,7 +18,8 @@ Which script a branch plays, and from where:
 
 ``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave
 the way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without
-a stop string). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
+a stop string). Stop strings, ``max_tokens`` and ``stop_if`` end an extend as on the real engines
+(``tokens.end_reason``). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
 scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0),
 ``entropies`` (default 0.0 nats) and ``top_logprobs``, the alternatives kept in ``Branch.last_top_logprobs`` (default:
 the token alone, with its logprob).
