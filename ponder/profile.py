@@ -195,7 +195,7 @@ class Profile:
 
 def tuned_path() -> Path:
     """Where ``ponder tune`` writes this machine's profile, and ``auto`` looks for it."""
-    from .models import ponder_home
+    from .engine.home import ponder_home
 
     return ponder_home() / "profile.json"
 

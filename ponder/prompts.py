@@ -1,5 +1,4 @@
-"""The prompt every math strategy starts from, and the chat templates that turn chats into prompt text for remote
-servers' ``/v1/completions``.
+"""The prompt every math strategy starts from.
 
 ``MathPrompt`` is the chat a strategy opens for a question: an optional system message and a user turn written from a
 template with a ``{question}`` placeholder. The default -- no system message, so the model's own default applies, and
@@ -67,26 +66,3 @@ DEFAULT_PROMPT = MathPrompt()
 def math_messages(question: str) -> list[Message]:
     """The default prompt's chat for ``question``."""
     return DEFAULT_PROMPT.messages(question)
-
-
-# Templates for ``chat_template=NAME``; any other value is the path of a Jinja file (a Hugging Face chat template).
-# "qwen2.5" renders plain chats exactly as the bundled models' own GGUF template does (default system message included).
-CHAT_TEMPLATES = {
-    "qwen2.5": (
-        "{%- if messages[0]['role'] == 'system' %}"
-        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-        "{%- else %}"
-        "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-        "{%- endif %}"
-        "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endif %}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-    "chatml": (
-        "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-}

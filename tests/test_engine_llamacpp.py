@@ -110,7 +110,8 @@ def test_release_cancels_and_frees_kv(real_engine):
 def test_kv_full_makes_new_branches_wait():
     """With 256 cells, a ~50-token prompt and 4 branches of 80 tokens cannot all run at once: two wait for the first
     two to finish and be released, then run."""
-    from ponder.engine import PonderError, load_engine
+    from ponder.engine import PonderError
+    from ponder.models import load_engine
 
     async def extend_then_release(b, params):
         await b.extend(params)
@@ -153,7 +154,7 @@ def test_kv_full_makes_new_branches_wait():
 def test_a_prompt_longer_than_one_batch_is_evaluated_in_chunks():
     """A 1,300-token prompt goes through three decode steps with n_batch 512, or one with n_batch 2048: the greedy
     continuation must be the same."""
-    from ponder.engine import load_engine
+    from ponder.models import load_engine
 
     prompt = "Count the words in this list: " + " ".join(f"item{i}" for i in range(400)) + "\nAnswer:"
 
@@ -299,16 +300,17 @@ def assert_at_rest(engine, model=None):
     runner = engine._runners[model or engine.model.name]
     assert engine.stats().kv_cells_used == 0 and engine.stats().live_branches == 0
     for r in filter(None, (runner, runner.draft)):
-        r._apply_kv_ops(r._kv_ops)  # the engine is idle: apply the queued copies and removals as its next step would
-        r._kv_ops = []
-        assert r._cells_used == 0 and len(r._free_seqs) == r.n_seq_max
-        assert all(llama_cpp.llama_memory_seq_pos_max(r._memory, s) == -1 for s in range(r.n_seq_max))
+        # the engine is idle: apply the queued copies and removals as its next step would
+        r.context.apply_kv_ops(r.kv_ops)
+        r.kv_ops = []
+        assert r.cells_used == 0 and len(r._free_seqs) == r.n_seq_max
+        assert all(llama_cpp.llama_memory_seq_pos_max(r.context._memory, s) == -1 for s in range(r.n_seq_max))
     for entry in runner.prefix_cache._entries if runner.prefix_cache else []:
         assert entry.states[0] is not None and (entry.states[1] is not None) == (runner.draft is not None)
 
 
 def test_prefix_cache_gives_the_same_greedy_tokens_and_counts_what_it_reused():
-    from ponder.engine import load_engine
+    from ponder.models import load_engine
 
     requests = [(QUESTIONS[0], 0), (QUESTIONS[1], 0), (QUESTIONS[0], 0), (QUESTIONS[2], 2), (QUESTIONS[2], 0)]
 
@@ -337,7 +339,8 @@ def test_prefix_cache_gives_the_same_greedy_tokens_and_counts_what_it_reused():
 def test_a_small_context_few_ids_and_a_small_budget_keep_outputs_right():
     """Four sequence ids, 512 cells and a budget of about two prompts: a fork takes every id, the budget evicts, an
     extend takes most of the context; nothing waits and the outputs are those of an engine without a cache."""
-    from ponder.engine import PonderError, load_engine
+    from ponder.engine import PonderError
+    from ponder.models import load_engine
 
     async def serve(engine, long_tokens: int):
         out = [await request(engine, chat(QUESTIONS[0]))]
@@ -373,7 +376,7 @@ def test_a_cached_prompt_loads_into_a_fragmented_cache():
     """A hit copies the cached prompt's KV into cells that are free but scattered: six short requests fill the
     context, every other one is released, and no run of free cells is as long as the cached prompt. (llama.cpp once
     restored a sequence into contiguous cells only, its issue 17527.)"""
-    from ponder.engine import load_engine
+    from ponder.models import load_engine
 
     async def serve(engine):
         await request(engine, chat(QUESTIONS[0]))
@@ -401,7 +404,7 @@ def test_a_cached_prompt_loads_into_a_fragmented_cache():
 def test_prefix_cache_under_speculative_decoding(tmp_path):
     """The draft's shadows reuse the same prefix: a cached prompt keeps a copy of the shadow's KV too.
     (The bundled 0.5B drafts for a copy of itself under another name: cheap, and greedy output is the target's.)"""
-    from ponder.engine import load_engine
+    from ponder.models import load_engine
     from ponder.models import resolve_model
 
     draft = tmp_path / "draft-copy.gguf"

@@ -10,7 +10,8 @@ import time
 import llama_cpp
 import pytest
 
-from ponder.engine import SamplingParams, Usage, load_engine
+from ponder.engine import SamplingParams, Usage
+from ponder.models import load_engine
 from ponder.prompts import math_messages
 
 pytestmark = pytest.mark.model
@@ -75,8 +76,8 @@ def test_rejected_drafts_are_removed_from_both_caches(speculative):
                                                        seed=i, ignore_eos=True)) for i, b in enumerate(forks)))
         for b in forks:  # the queued removals are applied before the next decode: run one to flush them
             await b.score(" ok")
-        positions = [(llama_cpp.llama_memory_seq_pos_max(target._memory, b.seq_id), b.n_past,
-                      llama_cpp.llama_memory_seq_pos_max(draft._memory, b.shadow.seq_id), b.shadow.n_past,
+        positions = [(llama_cpp.llama_memory_seq_pos_max(target.context._memory, b.seq_id), b.n_past,
+                      llama_cpp.llama_memory_seq_pos_max(draft.context._memory, b.shadow.seq_id), b.shadow.n_past,
                       len(b.draft_behind)) for b in forks]
         lengths = [len(b.tokens) for b in forks]
         for b in forks:
@@ -136,7 +137,7 @@ def test_text_carried_to_the_other_model_continues_as_if_it_had_been_its_prompt(
         await carried.extend(params)
         # the same text as one prompt on a fresh branch of the large model
         runner = both._runners[LARGE]
-        whole = await both.open(runner.format_chat(math_messages(QUESTION)) + small.text, model=LARGE)
+        whole = await both.open(runner.vocab.format_chat(math_messages(QUESTION)) + small.text, model=LARGE)
         await whole.extend(params)
         result = (carried.text[len(small.text):], whole.text, appended, len(small.tokens), carried.appended_tokens)
         for b in (small, carried, whole):

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.testbed.llama_server import LlamaServer, unavailable_reason
 from ponder.engine.base import SamplingParams, Usage
-from ponder.engine.openai import OpenAIEngine
+from ponder.engine.remote import OpenAIEngine
 from ponder.strategies import get_strategy
 
 pytestmark = [pytest.mark.model,
@@ -50,7 +50,7 @@ def test_self_consistency_over_llama_server(up):
     a, _ = up
     engine = OpenAIEngine([a.base_url], MODEL)
     try:
-        assert engine._servers[0].supports_n  # the C++ server honours n: sc's branches are one request
+        assert engine._transport.servers[0].supports_n  # the C++ server honours n: sc's branches are one request
         before = a.metrics()
         result = asyncio.run(get_strategy("sc")(engine, QUESTION, n=4, params=SamplingParams(max_tokens=48),
                                                 seed=1))
@@ -116,7 +116,7 @@ def _extend_through_a_fault(engine: OpenAIEngine, fault, max_tokens: int = 96):
 
 
 def test_a_server_killed_mid_stream_the_extend_finishes_on_the_other(up, monkeypatch):
-    monkeypatch.setattr("ponder.engine.openai.DOWN_S", 1.0)
+    monkeypatch.setattr("ponder.engine.remote.transport.DOWN_S", 1.0)
     a, b = up
     engine = OpenAIEngine([a.base_url, b.base_url], MODEL)
     try:
@@ -141,7 +141,7 @@ def test_a_server_killed_mid_stream_the_extend_finishes_on_the_other(up, monkeyp
 
 
 def test_a_server_hung_mid_stream_is_abandoned_for_the_other(up, monkeypatch):
-    monkeypatch.setattr("ponder.engine.openai.PING_S", 1.0)
+    monkeypatch.setattr("ponder.engine.remote.transport.PING_S", 1.0)
     a, b = up
     engine = OpenAIEngine([a.base_url, b.base_url], MODEL, stall_timeout=1.5)
     try:
@@ -161,7 +161,7 @@ def test_bench_answers_every_problem_once_while_an_endpoint_is_killed(up, tmp_pa
     from ponder.bench.runner import BenchConfig, run_bench
     from ponder.answers import equivalent, normalize
 
-    monkeypatch.setattr("ponder.engine.openai.DOWN_S", 1.0)
+    monkeypatch.setattr("ponder.engine.remote.transport.DOWN_S", 1.0)
     a, b = up
     problems = [Problem(id=str(k), question=f"What is {k} + {k + 10}?", answer=str(2 * k + 10)) for k in range(4)]
     dataset = Dataset("sums", "inline", problems, "equivalent", lambda p, q: equivalent(p, normalize(q.answer)))

@@ -103,7 +103,8 @@ def test_a_derived_model_is_made_once_the_same_way_and_answers(tmp_path, monkeyp
     recorded sha256 is the same on every machine with this llama.cpp, and a second resolve reuses the file."""
     import asyncio
 
-    from ponder.engine import SamplingParams, load_engine
+    from ponder.engine import SamplingParams
+    from ponder.models import load_engine
 
     shipped = models.resolve_model("qwen2.5-0.5b").path
     monkeypatch.setenv("PONDER_HOME", str(tmp_path))

@@ -21,8 +21,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from live_server import LiveServer
 
 from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, ScoreUnsupportedError, Usage
-from ponder.engine.openai import (OpenAIEngine, RemoteUnavailableError, _api_root, _chat_formatter, _echo_aligned,
-                                  _status_error)
+from ponder.engine.base import RemoteUnavailableError
+from ponder.engine.remote import OpenAIEngine
+from ponder.engine.remote.engine import _chat_formatter
+from ponder.engine.remote.transport import _api_root, _echo_aligned, _status_error
 from ponder.prompts import math_messages
 from ponder.server.process import free_port
 
@@ -260,7 +262,7 @@ def test_the_servers_prefix_cache_hits_are_counted(scripted):
 
 
 def test_429_and_5xx_are_retried_with_backoff(scripted, monkeypatch):
-    monkeypatch.setattr("ponder.engine.openai.BACKOFF_S", 0.05)
+    monkeypatch.setattr("ponder.engine.remote.transport.BACKOFF_S", 0.05)
     backend, served = scripted()
     engine = OpenAIEngine([served.url], retries=2)
     backend.bodies, backend.failures, backend.failure_status = [], 2, 429
@@ -315,7 +317,7 @@ async def three_siblings(engine: OpenAIEngine, stop_if=None, params=SamplingPara
 def test_siblings_share_one_request_with_n_where_the_server_honours_it(scripted):
     backend, served = scripted(honours_n=True)
     engine = OpenAIEngine([served.url])
-    assert engine._servers[0].supports_n
+    assert engine._transport.servers[0].supports_n
     backend.bodies = []
     branches, usage = asyncio.run(three_siblings(engine))
     streamed = [body for body in backend.bodies if body.get("stream")]
@@ -357,7 +359,7 @@ def test_without_n_each_branch_is_a_concurrent_request(scripted):
 
     backend, served = scripted(honours_n=False)
     engine = OpenAIEngine([served.url])
-    assert not engine._servers[0].supports_n
+    assert not engine._transport.servers[0].supports_n
     backend.bodies = []
     branches, usage = asyncio.run(three_siblings(engine))
     streamed = [body for body in backend.bodies if body.get("stream")]
@@ -377,7 +379,7 @@ def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
     backend, served = scripted()
     engine = OpenAIEngine([served.url])
     assert backend.bodies == [{"model": "scripted", "prompt": "1+1=", "max_tokens": 1, "temperature": 1.0, "n": 2}]
-    (server,) = engine._servers
+    (server,) = engine._transport.servers
     assert server.supports_logprobs is None and server.supports_echo_logprobs is None
     backend.bodies = []
     asyncio.run(get_strategy("sc")(engine, "What is 2 + 2?", n=2, seed=7))
@@ -420,7 +422,7 @@ def test_bon_self_verifies_by_one_generated_token_where_the_server_has_no_echo_l
     engine = OpenAIEngine([served.url])
     backend.bodies = []
     result = asyncio.run(get_strategy("bon")(engine, "What is 2 + 2?", n=2, seed=7, verifier="self"))
-    assert engine._servers[0].supports_echo_logprobs is False
+    assert engine._transport.servers[0].supports_echo_logprobs is False
     assert len([body for body in backend.bodies if body.get("echo")]) == 1  # probed once, then never asked again
     asked = [body for body in backend.bodies if body["prompt"].endswith(SELF_CHECK)]
     assert len(asked) == 2  # the verdicts, sent whole: their usage counts the appended question
@@ -456,7 +458,7 @@ def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(sc
     branches, _ = asyncio.run(three_siblings(engine, params=SamplingParams(max_tokens=64, logprobs=True)))
     probes = [body for body in backend.bodies if body.get("logprobs") and not body.get("stream")]
     streamed = [body for body in backend.bodies if body.get("stream")]
-    assert len(probes) == 1 and engine._servers[0].supports_logprobs
+    assert len(probes) == 1 and engine._transport.servers[0].supports_logprobs
     assert len(streamed) == 1 and streamed[0]["n"] == 3 and streamed[0]["logprobs"] == 1
     assert all(b.token_logprobs == [-0.25] * 5 for b in branches)
 
@@ -586,7 +588,7 @@ def test_a_stream_that_keeps_breaking_is_resumed_at_most_retries_times(scripted)
 
 
 def test_a_hung_server_is_abandoned_a_busy_one_waited_for(scripted, monkeypatch):
-    monkeypatch.setattr("ponder.engine.openai.PING_S", 0.3)
+    monkeypatch.setattr("ponder.engine.remote.transport.PING_S", 0.3)
     (first, one), (second, two) = scripted(), scripted()
     engine = OpenAIEngine([one.url, two.url], stall_timeout=0.3)
     first.bodies, second.bodies = [], []

@@ -11,7 +11,7 @@ import pytest
 
 from live_server import LiveServer
 from ponder.engine.base import PonderError, SamplingParams, Usage
-from ponder.engine.openai import OpenAIEngine
+from ponder.engine.remote import OpenAIEngine
 from ponder.models import resolve_model
 from ponder.server import create_app
 from ponder.server.process import ServerProcess, free_port
@@ -58,10 +58,10 @@ def remote(llama_server):
 
 
 def test_probe_finds_what_llama_cpp_python_honours(remote):
-    (server,) = remote._servers
+    (server,) = remote._transport.servers
     assert not server.supports_n  # it ignores n: one request per branch
-    assert asyncio.run(remote._supports("supports_logprobs"))  # probed lazily, the first time it is needed
-    assert not asyncio.run(remote._supports("supports_echo_logprobs"))  # its prompt logprobs are off by one
+    assert asyncio.run(remote._transport.supports("supports_logprobs"))  # probed lazily, the first time it is needed
+    assert not asyncio.run(remote._transport.supports("supports_echo_logprobs"))  # its prompt logprobs are off by one
 
 
 def test_self_consistency_through_the_remote_engine(remote):

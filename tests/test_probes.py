@@ -243,7 +243,7 @@ def test_probe_train_end_to_end(tmp_path, monkeypatch, capsys):
         noise = np.random.default_rng(len(context)).standard_normal(HIDDEN_SIZE) * 0.3
         return list(noise + np.eye(HIDDEN_SIZE)[0] * (1.0 if right else -1.0))
 
-    monkeypatch.setattr("ponder.engine.load_engine", lambda *a, **k: FakeEngine(["x"], name="fake",
+    monkeypatch.setattr("ponder.models.load_engine", lambda *a, **k: FakeEngine(["x"], name="fake",
                                                                                  hidden_fn=hidden_fn))
     out, report = tmp_path / "probes", tmp_path / "report.json"
     argv = ["probe", "train", str(results), "--per-problem", "4", "--folds", "3", "--cache", str(tmp_path / "c"),
@@ -255,5 +255,5 @@ def test_probe_train_end_to_end(tmp_path, monkeypatch, capsys):
     probe = Probe.load(out / f"{FAKE_SHA}.json", FAKE_SHA)
     assert probe.trained["command"].startswith("ponder probe train ") and probe.trained["branches"] == 120
     # a rerun reads nothing again: every vector is in the cache
-    monkeypatch.setattr("ponder.engine.load_engine", lambda *a, **k: pytest.fail("the cache was not used"))
+    monkeypatch.setattr("ponder.models.load_engine", lambda *a, **k: pytest.fail("the cache was not used"))
     assert main(argv + ["--no-save"]) == 0

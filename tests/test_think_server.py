@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from live_server import LiveServer
 
 from ponder.engine.base import SamplingParams
-from ponder.engine.openai import OpenAIEngine
+from ponder.engine.remote import OpenAIEngine
 from ponder.stopping import PROBE
 from ponder.strategies import sc
 

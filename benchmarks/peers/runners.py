@@ -19,8 +19,8 @@ import httpx
 
 import ponder
 from ponder.answers import extract_answer
-from ponder.engine import load_engine
-from ponder.engine.openai import OpenAIEngine
+from ponder.engine.remote import OpenAIEngine
+from ponder.models import load_engine
 from ponder.prompts import math_messages
 from ponder.server.process import ServerProcess, free_port
 from ponder.verifiers.llm import SELF_CHECK

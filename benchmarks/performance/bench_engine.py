@@ -26,9 +26,9 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
-from ponder.engine import SamplingParams, load_engine
+from ponder.engine import SamplingParams
 from ponder.engine.llamacpp import LlamaCppEngine
-from ponder.models import DEFAULT_MODEL, resolve_model
+from ponder.models import DEFAULT_MODEL, load_engine, resolve_model
 from ponder.prompts import math_messages
 from ponder.strategies import sc
 

@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ponder.bench.datasets import load_dataset
-from ponder.engine import SamplingParams, Usage, load_engine
+from ponder.engine import SamplingParams, Usage
+from ponder.models import load_engine
 from ponder.prompts import math_messages
 
 

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ponder.bench.datasets import load_dataset
     from ponder.bench.runner import BenchConfig, read_results, run_bench
-    from ponder.engine import load_engine
+    from ponder.models import load_engine
     from ponder.engine.base import SamplingParams
-    from ponder.engine.openai import OpenAIEngine
+    from ponder.engine.remote import OpenAIEngine
     from ponder.options import strategy_options
 
     dataset = load_dataset("gsm8k")

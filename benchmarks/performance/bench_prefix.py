@@ -39,7 +39,8 @@ from pathlib import Path
 
 import httpx
 
-from ponder.engine import SamplingParams, Usage, load_engine
+from ponder.engine import SamplingParams, Usage
+from ponder.models import load_engine
 from ponder.prompts import MathPrompt
 from ponder.server.process import ServerProcess, free_port
 

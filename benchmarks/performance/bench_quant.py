@@ -29,7 +29,7 @@ import llama_cpp as llama
 
 from benchmarks.performance.bench_kv import mean_rate
 
-from ponder.engine.llamacpp import quiet_llama_log
+from ponder.engine.llamacpp.vocabulary import quiet_llama_log
 from ponder.models import DERIVED, DERIVED_TYPES, derive, derived_record, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository

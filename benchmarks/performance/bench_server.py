@@ -35,8 +35,8 @@ from typing import Awaitable, Callable
 import httpx
 import openai
 
-from ponder.engine import load_engine
 from ponder.engine.base import SamplingParams
+from ponder.models import load_engine
 from ponder.server.process import ServerProcess, free_port
 from ponder.strategies import get_strategy
 

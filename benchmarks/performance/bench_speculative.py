@@ -34,7 +34,8 @@ from pathlib import Path
 import llama_cpp as llama
 
 from ponder.bench.datasets import load_dataset
-from ponder.engine import SamplingParams, Usage, load_engine
+from ponder.engine import SamplingParams, Usage
+from ponder.models import load_engine
 from ponder.prompts import math_messages
 
 TARGET, DRAFT = "qwen2.5-1.5b", "qwen2.5-0.5b"
@@ -69,18 +70,18 @@ def decode_costs(runner, sizes=(1, 2, 4, 8, 16), repeats=5) -> dict[int, float]:
     """Milliseconds of one llama_decode of B tokens of one sequence after a short prompt (best of ``repeats``), on
     an idle model of an engine (``engine._runners[name]``)."""
     prompt = runner.prompt_tokens(math_messages("What is 12 times 7?"))
-    llama.llama_memory_clear(runner._memory, True)
-    runner._decode([(t, i, 0, False) for i, t in enumerate(prompt)])
+    llama.llama_memory_clear(runner.context._memory, True)
+    runner.context.decode([(t, i, 0, False) for i, t in enumerate(prompt)])
     costs = {}
     for size in sizes:
         times = []
         for _ in range(repeats):
-            llama.llama_memory_seq_rm(runner._memory, 0, len(prompt), -1)
+            llama.llama_memory_seq_rm(runner.context._memory, 0, len(prompt), -1)
             start = time.perf_counter()
-            runner._decode([(prompt[-1], len(prompt) + i, 0, True) for i in range(size)])
+            runner.context.decode([(prompt[-1], len(prompt) + i, 0, True) for i in range(size)])
             times.append(time.perf_counter() - start)
         costs[size] = 1000 * min(times)
-    llama.llama_memory_clear(runner._memory, True)
+    llama.llama_memory_clear(runner.context._memory, True)
     return costs
 
 

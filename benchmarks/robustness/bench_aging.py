@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from ponder.engine import SamplingParams, Usage, load_engine
+from ponder.engine import SamplingParams, Usage
+from ponder.models import load_engine
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 

@@ -158,7 +158,7 @@ def run_phase(name: str, urls: list[str], out: Path, args, injector: Injector | 
     from ponder.bench.datasets import load_dataset
     from ponder.bench.runner import BenchConfig, run_bench
     from ponder.engine.base import PonderError, SamplingParams
-    from ponder.engine.openai import OpenAIEngine
+    from ponder.engine.remote import OpenAIEngine
 
     dataset = load_dataset("gsm8k")
     problems = dataset.select(limit=args.problems)

@@ -42,9 +42,9 @@ from pathlib import Path
 
 from typing import Sequence
 
-from ..engine import load_engine
 from ..engine.base import Branch, Engine, Message, PonderError, SamplingParams, StopIf, Usage
 from ..engine.fake import FakeBranch, FakeEngine, Script
+from ..models import load_engine
 from ..strategies import STRATEGIES, Strategy
 from .datasets import Dataset
 from .metrics import summarize

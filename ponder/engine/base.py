@@ -84,7 +84,8 @@ class HiddenUnsupportedError(PonderError):
 
 class RemoteUnavailableError(PonderError):
     """No configured remote server could be reached (the ponder server answers 503 for it). Defined here, not in the
-    remote engine's module, so that the server can tell it apart without importing the optional openai client."""
+    remote engine's package (``ponder.engine.remote``), so that the server can tell it apart without importing the
+    optional openai client."""
 
 
 @dataclass

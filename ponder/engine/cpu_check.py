@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from .base import PonderError
+from .home import ponder_home
 
 CHECK_TIMEOUT_S = 300.0  # a cold 1.5B load from a slow disk stays well inside this
 
@@ -115,8 +116,6 @@ def _check_key(model_path: str) -> str:
 
 
 def _verdict_file() -> Path:
-    from ..models import ponder_home
-
     return ponder_home() / "llama-cpu-check.json"
 
 

@@ -18,7 +18,8 @@ Which script a branch plays, and from where:
 
 ``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave
 the way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without
-a stop string). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
+a stop string). Stop strings, ``max_tokens`` and ``stop_if`` end an extend as on the real engines
+(``tokens.end_reason``). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
 scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0),
 ``entropies`` (default 0.0 nats) and ``top_logprobs``, the alternatives kept in ``Branch.last_top_logprobs`` (default:
 the token alone, with its logprob).
@@ -43,10 +44,11 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from .base import (Branch, Engine, EngineStats, Message, ModelInfo, PonderError, PromptTooLongError, SamplingParams,
                    ScoreUnsupportedError, StopIf, Usage)
-
-import numpy as np
+from .tokens import end_reason, record_token
 
 ScoreFn = Callable[[str, str], float]
 HiddenFn = Callable[[str], Sequence[float]]
@@ -183,21 +185,18 @@ class FakeEngine(Engine):
             branch.usage.add("generated_tokens", 1, branch.model)
             self._counters.generated_tokens += 1
             logprob = _scripted(script.logprobs, i, -0.1)
-            if params.wants_logprobs:
-                branch.token_logprobs.append(logprob)
             if params.top_logprobs:
-                branch.confidences.append(_scripted(script.confidences, i, 1.0))
-                branch.entropies.append(_scripted(script.entropies, i, 0.0))
+                record_token(branch, logprob, _scripted(script.confidences, i, 1.0),
+                             _scripted(script.entropies, i, 0.0))
                 branch.last_top_logprobs = dict(_scripted(script.top_logprobs, i, None) or {tokens[i]: logprob})
-            hit = next((s for s in params.stop if s in branch.text[start_text:]), None)
-            if hit is not None:
-                branch.finish_reason, branch.matched_stop = "stop", hit
-                return branch
-            if stop_if is not None and stop_if(branch):
-                branch.finish_reason = "halted"
+            else:
+                record_token(branch, logprob if params.logprobs else None, None, None)
+            reason = end_reason(branch, params, stop_if, start_text, len(tokens[i]), params.max_tokens - step - 1)
+            if reason is not None:
+                branch.finish_reason = reason
                 return branch
             await asyncio.sleep(0)  # one "decode step": let the other branches advance
-        branch.finish_reason = "length"
+        branch.finish_reason = "length"  # max_tokens 0: nothing to generate
         return branch
 
     async def score(self, branch: Branch, continuation: str) -> float:

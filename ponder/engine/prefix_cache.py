@@ -1,6 +1,6 @@
 """Bookkeeping of the in-process engine's KV cells, and the prefix cache that keeps finished prompts' KV.
 
-Pure Python and numpy, no llama.cpp: the engine (``llamacpp.py``) turns these decisions into KV operations.
+Pure Python and numpy, no llama.cpp: the engine (``llamacpp/runner.py``) turns these decisions into KV operations.
 
 **Segments: the tree of KV cells.** A ``Segment`` is a run of cells one sequence wrote between two branching points.
 A branch holds the segment it writes into; every segment holds its ``parent``, the segment of the cells before it. So
@@ -14,11 +14,11 @@ branch is released, the engine copies its prompt's cells out (``llama_state_seq_
 serialization of a sequence, about 12 KB a token for the 0.5B) into a ``CachedPrompt``, and frees them. A new prompt
 asks for the cached prompt that shares its longest prefix (``longest``); the engine copies those bytes into the new
 sequence (``llama_state_seq_set_data``, a memory copy of milliseconds where evaluating a 1,000-token prefix takes a
-second or more), drops the positions past the shared prefix, and evaluates only the rest. Why not keep the cells in
-the context, sharing them with ``llama_memory_seq_cp`` as the first version did: in llama.cpp's unified KV cache every
-sequence's attention scans every used cell, so kept cells slowed every decode (``benchmarks/bench_aging.py``: 0.74 of
-a fresh engine's speed with 6,361 cached cells, 0.99 once they were dropped). Outside the context they cost memory
-only, and they hold no sequence id and no cell that a job could ever wait for.
+second or more), drops the positions past the shared prefix, and evaluates only the rest. Why not keep the cells in the
+context, sharing them with ``llama_memory_seq_cp`` as the first version did: in llama.cpp's unified KV cache every
+sequence's attention scans every used cell, so kept cells slowed every decode (``benchmarks/robustness/bench_aging.py``:
+0.74 of a fresh engine's speed with 6,361 cached cells, 0.99 once they were dropped). Outside the context they cost
+memory only, and they hold no sequence id and no cell that a job could ever wait for.
 
 The cache is bounded by ``budget`` tokens and gives back the least recently used prompt first. A prompt that another
 cached prompt starts with is not kept twice. A list, not a token trie: comparing a new prompt with each cached one in

@@ -131,7 +131,7 @@ def read_hidden(model: dict, samples: list[Sample], cache: HiddenCache, max_seco
             todo.setdefault((s.key.split(":")[0], s.problem), []).append(s)
     if not todo:
         return 0
-    from ..engine import load_engine
+    from ..models import load_engine
 
     engine = load_engine(model["name"], seed=0)
     if engine.model.sha256 != model["sha256"]:

@@ -102,9 +102,9 @@ class ConvergingProbes(ProbeRule):
     least ``r`` long has probability ``(1 - p) ** (r - 1)``. Stop when that is at most ``alpha`` and ``r >= min_run``.
     An answer that held from the first probe (``p = 1/2``) needs a run of 6 at ``alpha = 0.05``; after three quick
     changes (``p = 4/5``) a run of 3 is enough. No hesitation words: ES-CoT has none. The defaults (``min_run=3``,
-    ``alpha=0.05``) are not tuned: on the bundled 1.5B's GSM8K dev traces (benchmarks/README.md, issue 15) no setting
-    can pay for the probes, since only 17 % of a trace follows its answer's first statement; tune them on a reasoning
-    model's dev traces."""
+    ``alpha=0.05``) are not tuned: on the bundled 1.5B's GSM8K dev traces (docs/findings/thinking-control.md, issue 15)
+    no setting can pay for the probes, since only 17 % of a trace follows its answer's first statement; tune them on a
+    reasoning model's dev traces."""
 
     name = "converge"
 

@@ -31,7 +31,7 @@ room for its ten judge tokens). ``n`` is not used: there is one solution.
 Options:
   threshold    accept a step scored at least this, on the 0-9 scale (default 7, SpecReason's). The bundled 1.5B
                scores the 0.5B's GSM8K steps between 5.8 and 6.6 (dev problems), so with the bundled pair 7 accepts
-               none and 6.3 about half (benchmarks/README.md, "SpecReason")
+               none and 6.3 about half (docs/findings/two-models.md, "SpecReason")
   step_tokens  tokens per step at most (default 256)
   small        the drafting model (default qwen2.5-0.5b)
   large        the judging and final-answer model (default qwen2.5-1.5b)
