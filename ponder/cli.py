@@ -79,7 +79,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     if args.tree is not None:
-        from .tree import write
+        from .search.drawing import write
 
         write(args.tree, result.details["tree"], f"{args.strategy} · answer: {result.answer} · {call.question}")
     if args.json:
@@ -93,7 +93,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def _check_tree_request(strategy: Strategy, path: Path) -> None:
     """Before the model loads: ``--tree`` needs a search strategy and a file name it can write."""
     from .strategies import SEARCHES
-    from .tree import check_path
+    from .search.drawing import check_path
 
     if not strategy.records_tree:
         raise PonderError(f"--tree draws a search tree, and strategy {strategy.name!r} has none; use one of: "

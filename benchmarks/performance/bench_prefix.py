@@ -16,7 +16,7 @@ decode step, the cost the cache removes.
    one piece, or after a cached prefix, or beside another prompt). Measured on a GSM8K prompt without any cache: the
    log-probability gap between its two best first tokens, 0.05, changed sign when the prompt was evaluated beside
    another one. So the count of identical outputs comes with the position of the first differing token of each
-   pair; the tests (``tests/test_engine_llamacpp.py``) check exact identity on prompts without such ties.
+   pair; the tests (``tests/engine/test_engine_llamacpp.py``) check exact identity on prompts without such ties.
 2. **Server**: the same requests over HTTP on 127.0.0.1 to two servers (``greedy/MODEL``, ``max_tokens`` 1: the
    answer comes once the strategy has its token, so the request's time is its time to first token). Each server is
    this script in a child process running ``ponder serve``'s app on an engine of the given cache size and of the

@@ -11,7 +11,7 @@
    the gap between the target's top two log-probabilities there (recorded with ``top_logprobs=2``): a gap of a few
    hundredths of a nat is such a tie; a large gap would be a bug (and is asserted against).
 3. **Sampled** (temperature 0.7), one stream and 8 branches: acceptance rate and tok/s (the output distribution is
-   the target's, tested in tests/test_speculative_sampling.py).
+   the target's, tested in tests/engine/test_speculative_sampling.py).
 4. **What bounds it**: the time of one ``llama_decode`` of B tokens for B = 1, 2, 4, 8, 16 on each model. Speculative
    decoding pays off when verifying k + 1 tokens costs little more than decoding one; the table shows how far that
    holds on this machine.

@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads of each llama-server")
     parser.add_argument("--hang-s", type=float, default=20.0)
     parser.add_argument("--503-s", dest="unavailable_s", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=4, help="clients of the serve phases, each one request at a time")
+    parser.add_argument("--clients", type=int, default=4,
+                        help="clients of the serve phases, each one request at a time")
     parser.add_argument("--client-timeout", type=float, default=300.0,
                         help="seconds a serve-phase client waits for an answer; longer counts as a hang")
     parser.add_argument("--serve-requests", type=int, default=24, help="requests of each serve phase, all clients")

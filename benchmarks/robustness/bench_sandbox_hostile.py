@@ -4,8 +4,9 @@
     python -m benchmarks.robustness.bench_sandbox_hostile --rev 1ec433c \
         --out benchmarks/results/robustness/sandbox-hostile-before.json
 
-``--rev`` measures the sandbox as it was at a git revision (its ``ponder/programs/`` or, before issue 31, ``ponder/sandbox*.py``, loaded beside today's
-package), so the code before and after a change runs the same attacks on the same machine.
+``--rev`` measures the sandbox as it was at a git revision (its ``ponder/programs/`` or, before issue 31,
+``ponder/sandbox*.py``, loaded beside today's package), so the code before and after a change runs the same attacks on
+the same machine.
 
 Each class is one program run with the default ``Limits`` but 256 MiB of memory, while a thread samples, every
 20 ms, what the host holds because of it: shared memory (``Shmem`` of /proc/meminfo: the sandbox's System V segments

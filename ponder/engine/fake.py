@@ -16,13 +16,13 @@ Which script a branch plays, and from where:
   model would write at each position -- and a test of a step-wise strategy reads like the exchange it scripts. A
   fork continues at its parent's length (in its own script).
 
-``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave
-the way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without
-a stop string). Stop strings, ``max_tokens`` and ``stop_if`` end an extend as on the real engines
-(``tokens.end_reason``). ``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are
-scripted too: ``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0),
-``entropies`` (default 0.0 nats) and ``top_logprobs``, the alternatives kept in ``Branch.last_top_logprobs`` (default:
-the token alone, with its logprob).
+``extend`` plays one token per step, yielding to the event loop between steps so that concurrent branches interleave the
+way they do in a batched engine; the end of the script is end-of-generation (``finish_reason == "stop"`` without a stop
+string). Stop strings, ``max_tokens`` and ``stop_if`` end an extend as on the real engines (``tokens.end_reason``).
+``release`` ends an extend in flight with ``finish_reason == "cancelled"``. Per-token records are scripted too:
+``logprobs`` (default -0.1), and with ``top_logprobs`` set, ``confidences`` (default 1.0), ``entropies`` (default 0.0
+nats) and ``top_logprobs``, the alternatives kept in ``Branch.last_top_logprobs`` (default: the token alone, with its
+logprob).
 
 ``score`` returns -0.1 per word of the continuation, or, when the branch's model has a ``score_fn``,
 ``score_fn(context, continuation)`` where ``context`` is the branch's prompt text followed by its text (so a test can

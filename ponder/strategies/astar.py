@@ -1,10 +1,10 @@
 """A*-decoding (Chatziveroglou 2025): best-first search over reasoning steps, guided by a step scorer.
 
 The open set holds partial solutions ordered by f = g + h, where h = 1 - value (the value of the path from
-``ponder.scorers``: how likely it is to be right) and g = ``step_cost`` x depth, the cost of the steps taken so far.
-The paper's exact g could not be read (its code was not available); this one is the plain A* path cost with one
-unit per step: it breaks near-ties in favour of shorter paths and, the larger ``step_cost``, the more readily the
-search goes back to a shallower alternative. ``step_cost=0`` makes it greedy best-first on the value.
+``ponder.search.scorers``: how likely it is to be right) and g = ``step_cost`` x depth, the cost of the steps taken so
+far. The paper's exact g could not be read (its code was not available); this one is the plain A* path cost with one
+unit per step: it breaks near-ties in favour of shorter paths and, the larger ``step_cost``, the more readily the search
+goes back to a shallower alternative. ``step_cost=0`` makes it greedy best-first on the value.
 
 The search pops the node with the lowest f (ties: the earlier node). A complete solution popped ends the search: it is
 the answer. Any other node is expanded: ``n`` next steps are sampled on forks of it (they share all of its KV cells,
@@ -12,14 +12,14 @@ and its own branch is released), scored, and pushed. A node at ``max_steps`` is 
 keeps at most ``frontier`` nodes -- each holds a branch (a sequence and KV cells of the engine) -- and prunes the
 worst beyond that at once. When the budget is spent first, the answer is the best complete solution still in the open
 set, if any. The order of the pops is in ``details["popped"]``, the whole tree in ``details["tree"]`` (``ponder ask
---tree FILE`` draws it); see ``ponder/strategies/search.py`` for the node states and the budget.
+--tree FILE`` draws it); see ``ponder/search/tree.py`` for the node states and the budget.
 
 ``n`` is the expansion width k (default 4).
 
 Options:
   step_cost    g per step taken (default 0.01)
   frontier     nodes the open set holds at most (default 16)
-  scorer       judge (default), probe or logprob (see ponder/scorers.py)
+  scorer       judge (default), probe or logprob (see ponder/search/scorers.py)
   judge        the judge model for scorer=judge (default qwen2.5-1.5b; the generating model judges its own steps)
   aggregate    a path's value from its steps' scores: last (default), min or prod
   step_tokens  tokens per step at most (default 256)
@@ -31,11 +31,11 @@ from __future__ import annotations
 import heapq
 
 from ..engine.base import Engine, PonderError, SamplingParams
-from ..judging import DEFAULT_JUDGE
+from ..verifiers.judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .registry import Strategy
-from .search import Node, Search
+from ..search.tree import Node, Search
 
 
 async def run(engine: Engine, question: str, *, n: int = 4, params: SamplingParams = SamplingParams(),

@@ -1,14 +1,14 @@
 """``auto``: spend compute only where the answer is unsettled -- an adaptive policy over arms, tuned per machine.
 
 An arm is a model, a representation and a temperature: the model's step-by-step **reasoning**, or a **program** it
-writes and the sandbox runs (as in ``pal``), greedy or sampled. The policy (``ponder.profile``) opens with the
-cheapest informative pair -- with the shipped profile, the 1.5B's greedy program and its greedy reasoning, decoded
-together in one batch -- and answers at once when they agree (a program that fails or prints nothing is no vote).
-Otherwise it adds waves of branches of the arms that paid most per second on this machine, in the profile's order,
-until the vote is settled: the leader leads the runner-up by ``margin`` votes, each branch voting with its arm's
-weight. It stops there, at ``max_branches``, at the token budget, or at ``budget_s`` seconds (a wave predicted not
-to finish in time does not start; one still running at the deadline is cancelled). Within a wave, each finished
-branch is counted at once, and once the vote is settled the branches still running are cancelled.
+writes and the sandbox runs (as in ``pal``), greedy or sampled. The policy (``ponder.strategies.auto_profile``) opens
+with the cheapest informative pair -- with the shipped profile, the 1.5B's greedy program and its greedy reasoning,
+decoded together in one batch -- and answers at once when they agree (a program that fails or prints nothing is no
+vote). Otherwise it adds waves of branches of the arms that paid most per second on this machine, in the profile's
+order, until the vote is settled: the leader leads the runner-up by ``margin`` votes, each branch voting with its arm's
+weight. It stops there, at ``max_branches``, at the token budget, or at ``budget_s`` seconds (a wave predicted not to
+finish in time does not start; one still running at the deadline is cancelled). Within a wave, each finished branch is
+counted at once, and once the vote is settled the branches still running are cancelled.
 
 A run's ``prompt`` is the reasoning arms'; the program arms write with ``pal``'s prompt under the same system message.
 Where the arms' model is not available -- the 1.5B not installed, or a remote engine serving one model -- the arms
@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from ..profile import Arm, Policy, Profile, load_profile, with_overrides
+from .auto_profile import Arm, Policy, Profile, load_profile, with_overrides
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from ..stopping import TokenBudget

@@ -1,17 +1,17 @@
 """Beam search over reasoning steps, scored by a step scorer (HF search-and-learn's PRM beam search).
 
-Each round, the ``n // m`` kept beams write ``n`` candidate next steps between them (``m`` each when all are kept; as
-in search-and-learn, the beams left share out all ``n`` when some have finished): every candidate is a fork of its
-beam, so it shares all of the beam's KV cells. The candidates are scored (``ponder.scorers``); the ones that finish a
-solution are collected, and of the others the ``n // m`` with the highest value are kept, the rest pruned at once
-(their KV cells freed). The search ends when ``n`` solutions have finished, no beam is left, after ``max_steps``
-rounds, or when the budget is spent; the answer is picked among the finished solutions by best value or by a
-value-weighted vote. The whole tree is in ``details["tree"]`` (``ponder ask --tree FILE`` draws it); see
-``ponder/strategies/search.py`` for the node states, the budget and the pick.
+Each round, the ``n // m`` kept beams write ``n`` candidate next steps between them (``m`` each when all are kept; as in
+search-and-learn, the beams left share out all ``n`` when some have finished): every candidate is a fork of its beam, so
+it shares all of the beam's KV cells. The candidates are scored (``ponder.search.scorers``); the ones that finish a
+solution are collected, and of the others the ``n // m`` with the highest value are kept, the rest pruned at once (their
+KV cells freed). The search ends when ``n`` solutions have finished, no beam is left, after ``max_steps`` rounds, or
+when the budget is spent; the answer is picked among the finished solutions by best value or by a value-weighted vote.
+The whole tree is in ``details["tree"]`` (``ponder ask --tree FILE`` draws it); see ``ponder/search/tree.py`` for the
+node states, the budget and the pick.
 
 Options:
   m            candidates per beam: n // m beams are kept each round (default 4)
-  scorer       judge (default), probe or logprob (see ponder/scorers.py)
+  scorer       judge (default), probe or logprob (see ponder/search/scorers.py)
   judge        the judge model for scorer=judge (default qwen2.5-1.5b; the generating model judges its own steps)
   aggregate    a path's value from its steps' scores: last (default), min or prod
   pick         the final answer: best (highest value, default) or vote (value-weighted)
@@ -22,11 +22,11 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
-from ..judging import DEFAULT_JUDGE
+from ..verifiers.judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .registry import Strategy
-from .search import Node, Search
+from ..search.tree import Node, Search
 
 
 def share_out(beams: list[Node], n: int) -> list[tuple[Node, int]]:

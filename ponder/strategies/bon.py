@@ -19,7 +19,7 @@ import asyncio
 from dataclasses import replace
 
 from ..engine.base import Engine, SamplingParams
-from ..judging import DEFAULT_JUDGE
+from ..verifiers.judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from ..stopping import ballot

@@ -1,19 +1,19 @@
 """Diverse verifier tree search (DVTS, HF search-and-learn): ``n // m`` independent subtrees, each greedy on the step
 scorer.
 
-Each round, the current node of every subtree writes ``m`` candidate next steps (forks of it: they share its KV
-cells), all subtrees in one batch. The candidates are scored (``ponder.scorers``) and each subtree keeps its single
-best child by value; the other children are pruned at once (their KV cells freed), except the ones that finished a
-solution, which stay candidates for the answer. A subtree ends when its best child finishes the solution. The search
-ends when every subtree has ended, after ``max_steps`` rounds, or when the budget is spent; the answer is picked
-among the finished solutions by best value or by a value-weighted vote. Subtrees split the ``n`` samples of a round
-so that no one bad first step decides the search, which is why DVTS beats beam search at larger ``n``. The whole
-tree is in ``details["tree"]`` (``ponder ask --tree FILE`` draws it); see ``ponder/strategies/search.py`` for the
-node states, the budget and the pick.
+Each round, the current node of every subtree writes ``m`` candidate next steps (forks of it: they share its KV cells),
+all subtrees in one batch. The candidates are scored (``ponder.search.scorers``) and each subtree keeps its single best
+child by value; the other children are pruned at once (their KV cells freed), except the ones that finished a solution,
+which stay candidates for the answer. A subtree ends when its best child finishes the solution. The search ends when
+every subtree has ended, after ``max_steps`` rounds, or when the budget is spent; the answer is picked among the
+finished solutions by best value or by a value-weighted vote. Subtrees split the ``n`` samples of a round so that no one
+bad first step decides the search, which is why DVTS beats beam search at larger ``n``. The whole tree is in
+``details["tree"]`` (``ponder ask --tree FILE`` draws it); see ``ponder/search/tree.py`` for the node states, the budget
+and the pick.
 
 Options:
   m            candidates per subtree and round: there are n // m subtrees (default 4)
-  scorer       judge (default), probe or logprob (see ponder/scorers.py)
+  scorer       judge (default), probe or logprob (see ponder/search/scorers.py)
   judge        the judge model for scorer=judge (default qwen2.5-1.5b; the generating model judges its own steps)
   aggregate    a path's value from its steps' scores: last (default), min or prod
   pick         the final answer: best (highest value, default) or vote (value-weighted)
@@ -24,11 +24,11 @@ Options:
 from __future__ import annotations
 
 from ..engine.base import Engine, PonderError, SamplingParams
-from ..judging import DEFAULT_JUDGE
+from ..verifiers.judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .registry import Strategy
-from .search import Node, Search
+from ..search.tree import Node, Search
 
 
 def keep_best(search: Search, siblings: list[Node]) -> Node | None:

@@ -3,7 +3,7 @@ unsure how to start the step, the large model writes the step, otherwise the sma
 the final answer.
 
 Each model keeps one branch of the conversation, and both hold the same solution so far. Per step (a step ends at a
-blank line, see ``ponder.steps``):
+blank line, see ``ponder.search.steps``):
 
 1. The glimpse: on a fork of the small model's branch, one greedy token with its top-20 log-probabilities. Its
    entropy -- of those 20 probabilities renormalised, in nats -- is GlimpRouter's routing signal. The fork is
@@ -38,7 +38,7 @@ from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..steps import StepAllowance, extend_step
+from ..search.steps import StepAllowance, extend_step
 from .registry import Strategy
 from .two_models import TwoModelRun
 

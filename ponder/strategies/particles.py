@@ -3,18 +3,18 @@ are weighted by their scores, and are resampled, every step.
 
 Each round, every unfinished particle writes its next step; a node resampled ``c`` times writes ``c`` different next
 steps, each on a fork of its branch (so the copies share all of its KV cells). The new steps are scored
-(``ponder.scorers``), and every particle of the pool -- finished ones stay in it with their final value -- gets the
-weight softmax(logit(value) / weight_temperature) (that is, proportional to (value / (1 - value)) ** (1 / T)). Then
+(``ponder.search.scorers``), and every particle of the pool -- finished ones stay in it with their final value -- gets
+the weight softmax(logit(value) / weight_temperature) (that is, proportional to (value / (1 - value)) ** (1 / T)). Then
 ``n`` particles are drawn from the pool with replacement (multinomial resampling, numpy's Generator seeded with
 ``seed``): a node drawn ``c`` times is carried ``c`` times, a node drawn none is pruned and its KV cells freed at once.
-The search ends when every particle has finished, after ``max_steps`` rounds, or when the budget is spent. The answer
-is picked among the finished particles of the final pool, by best value or by a value-weighted vote (a particle
-carried several times votes as often). The whole tree is in ``details["tree"]`` (``ponder ask --tree FILE`` draws
-it); see ``ponder/strategies/search.py`` for the node states, the budget and the pick.
+The search ends when every particle has finished, after ``max_steps`` rounds, or when the budget is spent. The answer is
+picked among the finished particles of the final pool, by best value or by a value-weighted vote (a particle carried
+several times votes as often). The whole tree is in ``details["tree"]`` (``ponder ask --tree FILE`` draws it); see
+``ponder/search/tree.py`` for the node states, the budget and the pick.
 
 Options:
   weight_temperature  T of the resampling weights (default 1, the paper's)
-  scorer              judge (default), probe or logprob (see ponder/scorers.py)
+  scorer              judge (default), probe or logprob (see ponder/search/scorers.py)
   judge               the judge model for scorer=judge (default qwen2.5-1.5b; the generating model judges itself)
   aggregate           a path's value from its steps' scores: last (default, the paper's), min or prod
   pick                the final answer: best (highest value, default) or vote (value-weighted)
@@ -30,11 +30,11 @@ import numpy as np
 from scipy.special import logit, softmax
 
 from ..engine.base import Engine, PonderError, SamplingParams
-from ..judging import DEFAULT_JUDGE
+from ..verifiers.judging import DEFAULT_JUDGE
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
 from .registry import Strategy
-from .search import Node, Search
+from ..search.tree import Node, Search
 
 CERTAIN = 1e-6  # values are clipped to [CERTAIN, 1 - CERTAIN] so that logit stays finite
 

@@ -2,7 +2,7 @@
 forward pass and rewrites only the steps it scores low, then writes the final answer.
 
 Each model keeps one branch of the conversation, and both hold the same solution so far. Per step (a step ends at a
-blank line, see ``ponder.steps``):
+blank line, see ``ponder.search.steps``):
 
 1. The small model drafts the step on a fork of its branch, so a rejected draft leaves nothing in its KV cells.
 2. The large model reads the draft on a fork of its own branch (the *candidate*), and on a fork of that it reads
@@ -21,7 +21,7 @@ large model continues its branch to the end and writes the final answer. The sol
 the result's one branch. ``details`` lists every step (its score, whether it was accepted, its tokens) and the
 acceptance rate; ``usage.models`` holds each model's tokens.
 
-The judge turn is written by ``ponder.judging.judge_turn``, in ChatML, the chat markup of both bundled models
+The judge turn is written by ``ponder.verifiers.judging.judge_turn``, in ChatML, the chat markup of both bundled models
 (Qwen2.5), so the engine's ``append`` must read those markers as the special tokens they name.
 
 Sampling: ``params`` for every step of both models (each step reseeded from ``seed``); ``params.max_tokens`` caps the
@@ -47,10 +47,10 @@ from scipy.special import softmax
 
 from ..answers import vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams
-from ..judging import judge_turn
+from ..verifiers.judging import judge_turn
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import Result
-from ..steps import StepAllowance, extend_step
+from ..search.steps import StepAllowance, extend_step
 from .registry import Strategy
 from .two_models import TwoModelRun
 

@@ -10,15 +10,15 @@ Three steps, each shown as it runs:
 2. **Measure** the machine: the seconds of one decode step of 1, 2 and 4 branches and of one prompt token on the
    model (a few seconds; or ``--speed-from PROFILE`` to reuse a profile's measurement without loading a model).
 3. **Fit** by replay: every policy of a grid (``policy_grid``: opening arms, the arms added while unsettled, wave
-   size, margin, branch cap, program weight) is played on the recorded branches of the first part of the problems
-   with exactly the decisions ``auto`` makes live (``ponder.profile.Policy``), its seconds computed from the measured
-   step times (branches of a wave decode together; a cancelled branch is charged the steps it ran). For each effort
-   (``low``, ``medium``, ``high``: at most half, one and two times ``--target-s`` seconds per problem) the most
+   size, margin, branch cap, program weight) is played on the recorded branches of the first part of the problems with
+   exactly the decisions ``auto`` makes live (``ponder.strategies.auto_profile.Policy``), its seconds computed from the
+   measured step times (branches of a wave decode together; a cancelled branch is charged the steps it ran). For each
+   effort (``low``, ``medium``, ``high``: at most half, one and two times ``--target-s`` seconds per problem) the most
    accurate policy within the time is chosen (the cheapest within one problem of the best), then measured on the
-   remaining ``--holdout`` share of the problems, which the fit never saw. The Pareto frontier (accuracy against
-   seconds and against tokens per problem) is printed as a table and drawn as a PNG (``--plot``; matplotlib, the
-   ``plot`` extra), and the profile is written (``--out``, default ``$PONDER_HOME/profile.json``: what ``auto`` reads
-   on this machine from then on).
+   remaining ``--holdout`` share of the problems, which the fit never saw. The Pareto frontier (accuracy against seconds
+   and against tokens per problem) is printed as a table and drawn as a PNG (``--plot``; matplotlib, the ``plot``
+   extra), and the profile is written (``--out``, default ``$PONDER_HOME/profile.json``: what ``auto`` reads on this
+   machine from then on).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable
 from rich.console import Console
 
 from ..engine.base import Engine, PonderError
-from ..profile import Profile, tuned_path
+from ..strategies.auto_profile import Profile, tuned_path
 from .fitting import tune
 from .recording import arm_configs, measure_speed, record, recorded
 from .reporting import plot, print_tables

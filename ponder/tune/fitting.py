@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 
 from ..engine.base import PonderError
-from ..profile import EFFORTS, Arm, Policy, Profile
+from ..strategies.auto_profile import EFFORTS, Arm, Policy, Profile
 from .recording import ARMS
 
 EFFORT_SHARE = {"low": 0.5, "medium": 1.0, "high": 2.0}  # of --target-s

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..engine.base import Branch, Engine, PonderError
-from ..judging import DEFAULT_JUDGE
+from .judging import DEFAULT_JUDGE
 from .llm import JudgeVerifier, SelfVerifier
 from .probe import ProbeVerifier
 from .program import ProgramVerifier

@@ -1,12 +1,12 @@
 """Verifiers that ask a model "is this solution correct?": the generating model itself (``SelfVerifier``, on the
 candidate's own branch) or a second model in a fresh prompt (``JudgeVerifier``). Both read P(Yes) of the reply
-through ``ponder.judging`` (its docstring says how, and what it costs).
+through ``ponder.verifiers.judging`` (its docstring says how, and what it costs).
 """
 
 from __future__ import annotations
 
 from ..engine.base import Branch, Engine, Message
-from ..judging import reply_p_yes
+from .judging import reply_p_yes
 
 # Appended to the candidate's own branch, so the question and solution already in its KV cells are reused. Plain
 # text in the assistant's turn: engines score continuations as text, without chat-template markup.

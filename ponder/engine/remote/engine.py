@@ -21,12 +21,12 @@ in-process engine uses) plus everything the branch has generated. Each operation
 * ``extend`` streams a continuation of the prefix. Plain extends of sibling branches (same prefix, same parameters,
   no stop strings, no ``stop_if``) issued together -- a strategy's ``gather`` over its forks -- share one request with
   ``n`` choices where the server honours ``n`` (vLLM, SGLang, llama.cpp's C++ server); elsewhere (llama-cpp-python's
-  server) each branch is its own concurrent request. A server that refuses an ``n`` as too many (llama-server takes
-  at most its slot count) gets requests of the size its refusal names from then on. Stop strings and ``stop_if`` are checked here, chunk by chunk, so ``matched_stop`` and
-  ``"halted"`` mean what they mean on the in-process engine; closing the stream makes the server stop generating.
-  An extend of at most ``WHOLE_MAX_TOKENS`` tokens with no stop string and no ``stop_if`` (a verdict, an answer
-  probe) has nothing to stop early and is sent whole, not streamed: its response carries the usage that counts an
-  append (see ``append``).
+  server) each branch is its own concurrent request. A server that refuses an ``n`` as too many (llama-server takes at
+  most its slot count) gets requests of the size its refusal names from then on. Stop strings and ``stop_if`` are
+  checked here, chunk by chunk, so ``matched_stop`` and ``"halted"`` mean what they mean on the in-process engine;
+  closing the stream makes the server stop generating. An extend of at most ``WHOLE_MAX_TOKENS`` tokens with no stop
+  string and no ``stop_if`` (a verdict, an answer probe) has nothing to stop early and is sent whole, not streamed: its
+  response carries the usage that counts an append (see ``append``).
 * ``score`` sends prefix + continuation with ``echo`` and ``logprobs`` and sums the continuation's prompt logprobs.
   A server whose prompt logprobs are missing or misaligned makes it raise ``ScoreUnsupportedError``; the Yes/No
   verifiers then read P(Yes) from the ``top_logprobs`` of one generated token (``Branch.last_top_logprobs``).
@@ -40,7 +40,9 @@ so counts are exact and ids unknown. Confidence and entropy come from the ``top_
 entropy is over those k alternatives only, a lower bound of the model's); the last token's alternatives are kept as
 ``last_top_logprobs``.
 
-The servers, retries, faults and capability probes underneath are ``transport.py``'s.
+The servers, retries, faults and capability probes underneath are ``transport.py``'s. This module stays one piece
+(about 470 lines, a sixth of them this docstring): the Branch operations and the streaming that carries out their
+extends share one set of pending-extend and append-counting bookkeeping.
 """
 
 from __future__ import annotations

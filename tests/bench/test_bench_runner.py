@@ -25,7 +25,7 @@ from ponder.engine.fake import FakeEngine, Script
 from ponder.prompts import DEFAULT_TEMPLATE, MathPrompt
 from ponder.strategies import STRATEGIES, Strategy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "bench_problems.jsonl"
 SC4 = BenchConfig("sc", 4, SamplingParams(max_tokens=64, logprobs=True), seed=1)
 

@@ -11,7 +11,7 @@ import pytest
 from ponder.engine.base import SamplingParams, ScoreUnsupportedError
 from ponder.engine.fake import FakeEngine, FakeModel, Script, fake_tokens
 from ponder.verifiers import get_verifier
-from ponder.judging import NO_EVIDENCE, p_yes, p_yes_from_alternatives
+from ponder.verifiers.judging import NO_EVIDENCE, p_yes, p_yes_from_alternatives
 from ponder.verifiers.llm import SELF_CHECK, JudgeVerifier, SelfVerifier
 from ponder.verifiers.program import AGREES, DISAGREES, ProgramVerifier
 
@@ -136,9 +136,9 @@ def test_program_verifier_compares_the_printed_result_with_the_stated_answer(tex
 
 
 def test_one_judge_turn_and_one_default_judge_for_every_judge():
-    from ponder import scorers
+    from ponder.search import scorers
     from ponder.strategies import specreason
-    from ponder.judging import DEFAULT_JUDGE
+    from ponder.verifiers.judging import DEFAULT_JUDGE
 
     chatml = "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     assert scorers.JUDGE_TURN == chatml.format(scorers.JUDGE_QUESTION)

@@ -14,7 +14,7 @@ from ponder.cli import main
 from ponder.engine.base import SamplingParams, Usage
 from ponder.engine.fake import HIDDEN_SIZE, FakeEngine
 from ponder.probes import Probe, ProbeError, kept_score, probe_score
-from ponder.scorers import get_scorer
+from ponder.search.scorers import get_scorer
 from ponder.strategies import STRATEGIES
 
 FAKE_SHA = "0" * 64

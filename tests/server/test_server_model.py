@@ -30,7 +30,7 @@ def ponder_serve():
     port = free_port()
     command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--max-running", "4"]
     with ServerProcess(command, port, env={**os.environ, "PONDER_API_KEY": KEY},
-                       cwd=os.path.dirname(os.path.dirname(__file__))) as server:
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))) as server:
         yield server.url
 
 

@@ -1,13 +1,13 @@
 """What the ``auto`` strategy reads: a profile of arms, the policy that spends them, and this machine's speed.
 
-An **arm** is one way to answer: a model, a representation (``reasoning``: a step-by-step answer; ``program``: a
-Python program the sandbox runs, as in ``pal``) and a temperature (0 = greedy). A **policy** says which arms open
-(decoded together in one batch), which arms are added, a wave at a time, while the vote is unsettled, and when it is
-settled: the opening arms agree, or the leading answer leads the runner-up by ``margin`` votes (each branch votes
-with its arm's weight), or ``max_branches`` branches have run. A profile holds one policy per effort level
-(``low``, ``medium``, ``high``; ``reasoning_effort`` over HTTP), the measured speed it was fitted with, and where it
-came from. ``ponder tune`` writes one; the one shipped in the package (``strategies/auto_profile.json``) was tuned
-for the bundled models on GSM8K dev problems 1-100.
+An **arm** is one way to answer: a model, a representation (``reasoning``: a step-by-step answer; ``program``: a Python
+program the sandbox runs, as in ``pal``) and a temperature (0 = greedy). A **policy** says which arms open (decoded
+together in one batch), which arms are added, a wave at a time, while the vote is unsettled, and when it is settled: the
+opening arms agree, or the leading answer leads the runner-up by ``margin`` votes (each branch votes with its arm's
+weight), or ``max_branches`` branches have run. A profile holds one policy per effort level (``low``, ``medium``,
+``high``; ``reasoning_effort`` over HTTP), the measured speed it was fitted with, and where it came from. ``ponder
+tune`` writes one; the one shipped in the package (``auto_profile.json``, beside this module) was tuned for the bundled
+models on GSM8K dev problems 1-100.
 
 Which profile ``auto`` reads: its ``profile`` option (a path), else ``$PONDER_PROFILE``, else the one ``ponder tune``
 wrote to ``$PONDER_HOME/profile.json`` on this machine, else the shipped one. The format is versioned
@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .engine.base import PonderError
+from ..engine.base import PonderError
 
 PROFILE_FORMAT = 1
 KINDS = ("reasoning", "program")
 EFFORTS = ("low", "medium", "high")
 PROFILE_ENV = "PONDER_PROFILE"
-SHIPPED = Path(__file__).resolve().parent / "strategies" / "auto_profile.json"
+SHIPPED = Path(__file__).resolve().with_suffix(".json")
 # Why a run stopped (``Result.details["stopped"]``).
 STOP_REASONS = ("agreed", "margin", "max branches", "token budget", "time budget")
 
@@ -195,7 +195,7 @@ class Profile:
 
 def tuned_path() -> Path:
     """Where ``ponder tune`` writes this machine's profile, and ``auto`` looks for it."""
-    from .engine.home import ponder_home
+    from ..engine.home import ponder_home
 
     return ponder_home() / "profile.json"
 

@@ -20,7 +20,7 @@ from ponder.models import resolve_model
 from ponder.server.process import ServerProcess, free_port
 from test_openai_engine_model import skip_where_llama_cpp_server_cannot_run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.model
 

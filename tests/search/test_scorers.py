@@ -16,9 +16,9 @@ import pytest
 from ponder.engine.base import Branch, PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, FakeModel, Script, fake_tokens
 from ponder.prompts import math_messages
-from ponder.scorers import (JUDGE_TURN, PROBE, PROBE_TOKENS, PROBES, JudgeScorer, LogprobScorer, ProbeScorer,
+from ponder.search.scorers import (JUDGE_TURN, PROBE, PROBE_TOKENS, PROBES, JudgeScorer, LogprobScorer, ProbeScorer,
                             aggregate, get_scorer)
-from ponder.steps import extend_step
+from ponder.search.steps import extend_step
 
 GEN, JUDGE = "qwen2.5-0.5b", "qwen2.5-1.5b"
 PROMPT = math_messages("q")[0]["content"]  # the fake engine's prompt text of a one-message chat

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .answers import _boxed_contents, extract_answer
-from .engine.base import Branch, PonderError, SamplingParams, StopIf, Usage
-from .result import BranchSummary
+from ..answers import _boxed_contents, extract_answer
+from ..engine.base import Branch, PonderError, SamplingParams, StopIf, Usage
+from ..result import BranchSummary
 
 DELIMITER = "\n\n"
 

@@ -11,29 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from ponder import models, options, profile as profiles
+from ponder import models, options
 from ponder.cli import build_parser, main
 from ponder.engine.base import PonderError, SamplingParams
-from ponder.profile import SHIPPED, Arm, Policy, Profile, load_profile
+from ponder.strategies import auto_profile as profiles
+from ponder.strategies.auto_profile import SHIPPED, Arm, Policy, Profile, load_profile
 from ponder.server.config import ServerConfig
 from ponder.server.schemas import ChatCompletionRequest
 from ponder.server.strategy_call import plan_call
 from ponder.strategies import STRATEGIES
 
-from kind_engine import KindEngine, program
-
-
-def make_profile(model: str = "", **medium) -> Profile:
-    arms = {a.name: a for a in (Arm("program-greedy", model, "program", 0.0, tokens=10),
-                                Arm("reasoning-greedy", model, "reasoning", 0.0, tokens=20),
-                                Arm("reasoning-sampled", model, "reasoning", 0.7, tokens=20),
-                                Arm("program-sampled", model, "program", 0.7, tokens=10))}
-    opening = ("reasoning-greedy", "program-greedy")
-    policies = {"low": Policy(opening, (), 1, 2.0, 2),
-                "medium": Policy(**{"open": opening, "then": ("reasoning-sampled", "program-sampled"), "wave": 2,
-                                    "margin": 2.0, "max_branches": 6, **medium}),
-                "high": Policy(opening, ("reasoning-sampled", "program-sampled"), 2, 3.0, 10)}
-    return Profile("test", arms, policies, speed={"fake": {"step_s": {"1": 0.01, "2": 0.015}, "prompt_s": 0.001}})
+from kind_engine import KindEngine, make_profile, program
 
 
 @pytest.fixture

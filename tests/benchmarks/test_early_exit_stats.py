@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.analysis import early_exit_stats as stats_module
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "benchmarks.analysis.early_exit_stats"]
 
 TRACE = "Each box holds 6 eggs, so 3 boxes hold 3 * 6 = 18 eggs. " * 2 + "So the answer is 18."

@@ -17,7 +17,7 @@ import colorsys
 from html import escape
 from pathlib import Path
 
-from .engine.base import PonderError
+from ..engine.base import PonderError
 
 COLUMN, ROW = 250, 46  # pixels per depth and per leaf
 BOX_WIDTH, BOX_HEIGHT = 220, 38

@@ -8,7 +8,7 @@ import pytest
 
 from ponder.engine.base import PonderError, SamplingParams, Usage
 from ponder.engine.fake import FakeEngine
-from ponder.steps import StepAllowance, extend_step, states_answer
+from ponder.search.steps import StepAllowance, extend_step, states_answer
 
 
 def steps_of(script: str, *, cap: int = 100, stop: tuple[str, ...] = ()) -> list:

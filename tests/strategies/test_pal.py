@@ -20,7 +20,7 @@ from ponder.prompts import MathPrompt
 from ponder.programs import Outcome, running
 from ponder.strategies import pal, sc
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bench_problems.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "bench_problems.jsonl"
 
 
 def reply(program: str) -> str:

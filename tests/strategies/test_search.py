@@ -19,7 +19,7 @@ from scipy.stats import chisquare
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, FakeModel
 from ponder.prompts import math_messages
-from ponder.scorers import JUDGE_TURN, LogprobScorer
+from ponder.search.scorers import JUDGE_TURN, LogprobScorer
 from ponder.strategies import STRATEGIES
 from ponder.strategies.beam import share_out
 from ponder.strategies.particles import resample, weights

@@ -49,11 +49,11 @@ from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Protocol, Sequence
 
-from .answers import extract_answer, vote
-from .engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from .prompts import DEFAULT_PROMPT, MathPrompt
+from ..answers import extract_answer, vote
+from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
+from ..prompts import DEFAULT_PROMPT, MathPrompt
+from ..verifiers.judging import DEFAULT_JUDGE, judge_turn, reply_p_yes
 from .steps import states_answer
-from .judging import DEFAULT_JUDGE, judge_turn, reply_p_yes
 
 SCORERS = ("judge", "probe", "logprob", "hidden")
 
@@ -214,7 +214,7 @@ class HiddenScorer(Scorer):
     reserve = 1  # the step's last token, evaluated to read the vector (counted as scored_tokens)
 
     async def score(self, question: str, partial: Partial) -> float:
-        from .probes import probe_score
+        from ..probes import probe_score
 
         return await probe_score(partial.branch)
 

@@ -16,7 +16,7 @@ from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine
 from ponder.prompts import MathPrompt
 
-FIXTURE = Path(__file__).parent / "fixtures" / "bench_problems.jsonl"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "bench_problems.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

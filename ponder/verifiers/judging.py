@@ -1,6 +1,6 @@
-"""Asking a model to judge: the one judge turn (``judge_turn``), the default judge model (``DEFAULT_JUDGE``), and
-P(Yes) of its reply, which the outcome verifiers (``ponder.verifiers.llm``) and the step judge (``ponder.scorers``)
-read the same way (``reply_p_yes``).
+"""Asking a model to judge: the one judge turn (``judge_turn``), the default judge model (``DEFAULT_JUDGE``), and P(Yes)
+of its reply, which the outcome verifiers (``ponder.verifiers.llm``) and the step judge (``ponder.search.scorers``) read
+the same way (``reply_p_yes``).
 
 The score is P(Yes) / (P(Yes) + P(No)), read one of two ways:
 
@@ -25,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import math
 
-from .engine.base import Branch, SamplingParams, ScoreUnsupportedError
+from ..engine.base import Branch, SamplingParams, ScoreUnsupportedError
 
 DEFAULT_JUDGE = "qwen2.5-1.5b"  # the judge model of every judge (verifier, step scorer): the bundled large model
 
 
 def judge_turn(question: str, reply_start: str = "") -> str:
     """The text that, appended to a branch in the assistant's turn, closes that turn, asks ``question`` as the user,
-    and opens the assistant's reply with ``reply_start``: the judge turn of the step judges (``ponder.scorers``,
+    and opens the assistant's reply with ``reply_start``: the judge turn of the step judges (``ponder.search.scorers``,
     SpecReason). Written in ChatML, the chat markup of both bundled models (Qwen2.5), which the engines' ``append``
     reads as the special tokens it names. The engines render whole chats through the model's chat template, but
     offer no way to render one turn in the middle of a branch; this is the one place that writes it."""

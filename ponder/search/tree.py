@@ -1,12 +1,12 @@
 """What the step-level searches (beam, dvts, particles, astar) share: a tree of partial solutions on forked branches,
 grown one step at a time under a token budget, scored, pruned, and recorded for people to look at.
 
-A ``Node`` is a partial solution: its last step (text up to and including a blank line, see ``ponder.steps``), the
-branch that holds the prompt and every step of its path, its score (``ponder.scorers``) and its value (the scores
-of its path aggregated). ``Search.expand`` forks nodes into children and lets every child write one step, all in one
-batch: a child shares all of its parent's KV cells (nothing is evaluated again), and the parent's branch is released
-as soon as it is forked -- its cells live on in the children. ``Search.score`` scores new nodes; ``Search.prune``
-drops a node and releases its branch at once. A node is
+A ``Node`` is a partial solution: its last step (text up to and including a blank line, see ``ponder.search.steps``),
+the branch that holds the prompt and every step of its path, its score (``ponder.search.scorers``) and its value (the
+scores of its path aggregated). ``Search.expand`` forks nodes into children and lets every child write one step, all in
+one batch: a child shares all of its parent's KV cells (nothing is evaluated again), and the parent's branch is released
+as soon as it is forked -- its cells live on in the children. ``Search.score`` scores new nodes; ``Search.prune`` drops
+a node and releases its branch at once. A node is
 
 * ``open``     -- it ended a step at the delimiter and may grow;
 * ``kept``     -- it was expanded: its children carry it on;
@@ -24,7 +24,7 @@ does); ``vote`` -- the candidates' answers, each weighted by its value. With no 
 open and cut nodes are read as solutions cut short (an answer only from a ``\\boxed{}``).
 
 ``Result.details["tree"]`` records every node (id, parent, depth, step, tokens, score, value, status, answer) and the
-ids of the chosen path; ``ponder.tree`` draws it.
+ids of the chosen path; ``ponder.search.drawing`` draws it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from ..answers import extract_answer, vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
 from ..prompts import MathPrompt
 from ..result import BranchSummary, Result
-from ..scorers import aggregate, check_aggregation, get_scorer
-from ..steps import extend_step
 from ..stopping import TokenBudget
+from .scorers import aggregate, check_aggregation, get_scorer
+from .steps import extend_step
 
 PICKS = ("best", "vote")
 

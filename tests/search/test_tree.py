@@ -12,9 +12,9 @@ import pytest
 from ponder import cli
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.engine.fake import FakeEngine, FakeModel
-from ponder.scorers import JUDGE_TURN
+from ponder.search.scorers import JUDGE_TURN
 from ponder.strategies import beam
-from ponder.tree import BOX_HEIGHT, CHOSEN, colour, layout, to_html, to_svg, write
+from ponder.search.drawing import BOX_HEIGHT, CHOSEN, colour, layout, to_html, to_svg, write
 
 SVG = "{http://www.w3.org/2000/svg}"
 SCRIPTS = [f"first {k}\n\nthen {k} & <{k}>\n\nso \\boxed{{{k}}}" for k in range(4)]

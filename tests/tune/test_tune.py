@@ -11,14 +11,14 @@ import pytest
 
 from ponder.cli import build_parser, main
 from ponder.engine.base import SamplingParams
-from ponder.profile import Policy, Profile
+from ponder.strategies.auto_profile import Policy, Profile
 from ponder.strategies import STRATEGIES
 from ponder.tune.command import tune_command
 from ponder.tune.fitting import Draw, Problem, simulate
 from ponder.tune.recording import ARMS
-from test_strategies_auto import KindEngine, make_profile, program
+from kind_engine import KindEngine, make_profile, program
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bench_problems.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "bench_problems.jsonl"
 
 
 def tune_args(tmp_path, *extra):

@@ -17,7 +17,7 @@ from ponder.bench.runner import read_results
 from ponder.engine.base import PonderError
 from ponder.engine.fake import FakeEngine
 
-FIXTURE = str(Path(__file__).parent / "fixtures" / "bench_problems.jsonl")
+FIXTURE = str(Path(__file__).parents[1] / "fixtures" / "bench_problems.jsonl")
 
 
 class ClosingEngine(FakeEngine):

@@ -12,7 +12,7 @@ from ponder.answers import extract_answer
 from ponder.bench.datasets import SHORT_NAMES, load_dataset
 from ponder.engine.base import PonderError
 
-FIXTURE = Path(__file__).parent / "fixtures" / "bench_problems.jsonl"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "bench_problems.jsonl"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
