@@ -130,7 +130,8 @@ class LlamaServer:
 
     Started (and waited for until ``/health`` answers 200) by ``start()`` or ``with``; ``stop()`` sends SIGTERM, then
     SIGKILL after ``stop_timeout_s``. For fault injection: ``kill()`` (SIGKILL), ``pause()``/``resume()``
-    (SIGSTOP/SIGCONT), ``restart()`` (the same port again). Its log goes to ``log_path`` (a temporary file by default).
+    (SIGSTOP/SIGCONT), ``restart()`` (the same port again). Its log goes to ``log_path`` (by default a temporary file,
+    kept only if the ``with`` block ends in an error).
     """
 
     def __init__(self, model: str = "qwen2.5-0.5b", *, parallel: int = 4, ctx_per_slot: int = 2048, threads: int = 2,
@@ -158,6 +159,7 @@ class LlamaServer:
             *(extra or []),
         ]
         self.timeout_s, self.stop_timeout_s = timeout_s, stop_timeout_s
+        self.own_log = log_path is None  # a temporary file, removed when the ``with`` block ends without an error
         if log_path is None:
             handle, log_path = tempfile.mkstemp(prefix=f"llama-server-{self.port}-", suffix=".log")
             os.close(handle)
@@ -169,8 +171,10 @@ class LlamaServer:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if self.own_log and exc_type is None:
+            self.log_path.unlink(missing_ok=True)
 
     def start(self) -> LlamaServer:
         import httpx
