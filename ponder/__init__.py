@@ -1,6 +1,7 @@
 """ponder: an inference-time compute engine for LLM reasoning.
 
     import ponder
+    result = ponder.ask("What is 17 * 23?")               # auto, on the model its profile names (the 1.5B)
     result = ponder.ask("What is 17 * 23?", strategy="sc", n=8)
     print(result.answer, result.votes, result.usage)
 """
@@ -29,7 +30,7 @@ def get_engine(model: str | None = None, *, engine: str = "llamacpp", base_url: 
     return _engines[key]
 
 
-async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, *,
+async def ask_async(question: str, strategy: str = "auto", n: int = 8, model: str | None = None, *,
                     temperature: float = 0.7, top_p: float = 0.95, top_k: int = 40, max_tokens: int = 1024,
                     seed: int | None = None, engine: Engine | None = None, draft: str | None = None,
                     system: str | None = None, prompt_template: str = DEFAULT_TEMPLATE, **options) -> Result:
@@ -39,11 +40,12 @@ async def ask_async(question: str, strategy: str = "sc", n: int = 8, model: str 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens).validate()
     call = StrategyCall(strategy, question, n=n, params=params, seed=seed, prompt=MathPrompt(system, prompt_template),
                         options=options)
-    return await call(engine or get_engine(model, draft=draft))
+    return await call(engine or get_engine(call.strategy.model_to_load(model, call.options), draft=draft))
 
 
-def ask(question: str, strategy: str = "sc", n: int = 8, model: str | None = None, **kwargs) -> Result:
-    """Answer ``question`` with ``strategy`` over ``n`` branches of ``model`` (the bundled 0.5B by default).
+def ask(question: str, strategy: str = "auto", n: int = 8, model: str | None = None, **kwargs) -> Result:
+    """Answer ``question`` with ``strategy`` (``auto`` by default, as ``ponder ask``) over ``n`` branches of ``model``
+    (by default the model the strategy prefers -- ``auto``'s profile names the bundled 1.5B -- else the bundled 0.5B).
 
     Keyword arguments: ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``seed``, ``draft`` (a smaller model
     that drafts for ``model``: speculative decoding), ``engine`` (an Engine to use instead of loading ``model``),

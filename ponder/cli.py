@@ -69,8 +69,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
                         prompt=prompt_from_args(args), options=strategy_options(args.option))
     if args.tree is not None:
         _check_tree_request(call.strategy, args.tree)
-    if args.model is None and args.engine == "llamacpp" and call.strategy.preferred_model is not None:
-        args.model = call.strategy.preferred_model(call.options)  # auto: its profile's model, when installed
+    if args.engine == "llamacpp":
+        args.model = call.strategy.model_to_load(args.model, call.options)
     show = not args.json and err.is_terminal
     with err.status("loading model…") if show else _nothing():
         engine = engine_from_args(args)

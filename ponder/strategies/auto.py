@@ -246,7 +246,7 @@ def _predicted_s(profile: Profile, wave: list[str]) -> float:
 
 
 def preferred_model(options: dict) -> str | None:
-    """The model ``ponder ask`` and ``ponder serve`` load when the user names none: the profile's first arm's model,
+    """The model ``ponder ask`` and ``ponder.ask`` load when the user names none: the profile's first arm's model,
     if it is installed (else None: the default model, on which the arms then run)."""
     from ..models import CATALOG, status
 

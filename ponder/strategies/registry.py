@@ -80,6 +80,15 @@ class Strategy:
     def records_tree(self) -> bool:
         return self.family == "search"
 
+    def model_to_load(self, named: str | None, options: Mapping[str, Any] = {}) -> str | None:
+        """The model a caller loads as the in-process engine's own: the one the user named, else the one this
+        strategy prefers given its options (``auto``: its profile's), else None (the bundled default). ``ponder.ask``
+        and ``ponder ask`` ask here; ``ponder serve`` serves the model ``--model`` names (default: the bundled default),
+        and ``auto`` loads its profile's model beside it."""
+        if named is not None or self.preferred_model is None:
+            return named
+        return self.preferred_model(options)
+
     @cached_property
     def __signature__(self) -> inspect.Signature:  # inspect.signature(strategy) is its run's
         return inspect.signature(self.run)

@@ -234,3 +234,23 @@ def test_auto_on_the_bundled_model(real_engine, tmp_path):
     assert [b.details["arm"] for b in result.branches][:2] == ["reasoning-greedy", "program-greedy"]
     assert result.usage.generated_tokens == sum(b.generated_tokens for b in result.branches)
     assert real_engine.stats().live_branches == 0
+
+
+def test_the_python_api_runs_auto_on_the_profiles_model_by_default(monkeypatch, tmp_path):
+    import ponder
+
+    asked = []
+
+    def load_engine(model=None, **kwargs):
+        asked.append(model)
+        return KindEngine([program("print(4)\n")], ["\\boxed{4}"], name=model or "qwen2.5-0.5b")
+
+    monkeypatch.setattr(ponder, "load_engine", load_engine)
+    monkeypatch.setattr(ponder, "_engines", {})
+    monkeypatch.setattr(models, "status", lambda model: SimpleNamespace(installed=True))
+    path = make_profile("qwen2.5-1.5b").save(tmp_path / "p.json")
+    result = ponder.ask("What is 2+2?", profile=str(path))
+    assert result.strategy == "auto" and result.answer == "4"
+    assert asked == ["qwen2.5-1.5b"]
+    ponder.ask("What is 2+2?", "sc", n=1)
+    assert asked[-1] is None  # other strategies keep the bundled default

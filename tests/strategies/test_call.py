@@ -19,7 +19,7 @@ FOUR = ["\\boxed{4}"]
 
 def test_an_unknown_option_is_the_same_clear_error_from_python_and_the_cli(capsys):
     with pytest.raises(OptionError) as raised:
-        ponder.ask("What is 2+2?", engine=FakeEngine(FOUR), bogus=1)
+        ponder.ask("What is 2+2?", "sc", engine=FakeEngine(FOUR), bogus=1)
     assert str(raised.value) == "strategy 'sc' does not take option 'bogus' (it takes: budget, weighting, early_exit)"
     assert isinstance(raised.value, PonderError) and raised.value.option == "bogus"
 
