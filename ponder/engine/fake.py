@@ -1,4 +1,6 @@
-"""A deterministic engine for tests of strategy logic: no model, scripted answers, the real Branch semantics.
+"""A deterministic engine that plays scripted replies with the real Branch semantics, no model: the engine of the
+strategy tests, and the base of replays of recorded runs (``ponder.bench.replay``, whose scripts are recorded branches),
+so that a replay follows exactly the Branch semantics the tests pin down.
 
 A fake model is a list of scripts: texts it would write, cut into "tokens" of one word each (with the whitespace that
 follows it). ``FakeEngine(scripts)`` has one model (named ``name``); ``models={"large": [...]}`` adds more, each with
