@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import SamplingParams
-from .tokens import top_k_confidence
+from .tokens import top_k_confidence, top_k_entropy
 
 SAMPLE_NATS = 20.0
 LOGPROB_NATS = 30.0
@@ -124,9 +124,4 @@ def _with_logprobs(row: np.ndarray, top: float, token: int, top_k: int) -> Sampl
     else:  # a very peaked row: fewer than k tokens within LOGPROB_NATS of the best, so look at the whole row
         best = np.partition(row, -top_k)[-top_k:].astype(np.float64)
     best_logprobs = best - lse
-    confidence = top_k_confidence(best_logprobs)
-    # Entropy of the k alternatives renormalised: what a remote server's top_logprobs allow too, and the quantity
-    # GlimpRouter thresholds (top-20, nats).
-    renormalised = best_logprobs - np.logaddexp.reduce(best_logprobs)
-    entropy = float(-(np.exp(renormalised) * renormalised).sum())
-    return Sample(token, logprob, confidence, entropy)
+    return Sample(token, logprob, top_k_confidence(best_logprobs), top_k_entropy(best_logprobs))

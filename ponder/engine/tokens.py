@@ -3,6 +3,8 @@
 * ``record_token`` -- what a branch keeps of each sampled token beside its text: the log-probability, and with
   ``top_logprobs`` the top-k confidence and entropy;
 * ``top_k_confidence`` -- DeepConf's token confidence, minus the mean of the top-k log-probabilities;
+* ``top_k_entropy`` -- the entropy of the top-k alternatives renormalised (what a remote server's ``top_logprobs``
+  allow too, so both engines report the same quantity: GlimpRouter thresholds it);
 * ``matched_stop`` -- the stop-string window: whether the text a token (or a streamed chunk of tokens) added completed a
   stop string, looking back across token boundaries only as far as the longest stop string reaches;
 * ``end_reason`` -- whether an extend ends after a token, and why, in one order for every engine.
@@ -20,6 +22,13 @@ from .base import Branch, SamplingParams, StopIf
 def top_k_confidence(best_logprobs: Sequence[float] | np.ndarray) -> float:
     """Minus the mean log-probability of the k most likely tokens (DeepConf): high when the model is sure."""
     return float(-np.mean(best_logprobs))
+
+
+def top_k_entropy(best_logprobs: Sequence[float] | np.ndarray) -> float:
+    """Entropy (nats) of the k most likely tokens' distribution, renormalised to sum to one."""
+    best = np.asarray(best_logprobs, dtype=np.float64)
+    renormalised = best - np.logaddexp.reduce(best)
+    return float(-(np.exp(renormalised) * renormalised).sum())
 
 
 def record_token(branch: Branch, logprob: float | None, confidence: float | None, entropy: float | None) -> None:

@@ -37,7 +37,7 @@ One engine serves one remote model (the one named, or the only one the server li
 
 Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated or appended token,
 so counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the
-entropy is over those k alternatives only, a lower bound of the model's); the last token's alternatives are kept as
+entropy is that of those k alternatives renormalised, as on the in-process engine); the last token's alternatives are kept as
 ``last_top_logprobs``.
 
 The servers, retries, faults and capability probes underneath are ``transport.py``'s. This module stays one piece
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +60,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from ..base import (Branch, Engine, EngineStats, HiddenUnsupportedError, Message, ModelInfo, PonderError,
                     RemoteUnavailableError, SamplingParams, ScoreUnsupportedError, StopIf, Usage)
 from ..chat_templates import CHAT_TEMPLATES
-from ..tokens import end_reason, top_k_confidence
+from ..tokens import end_reason, top_k_confidence, top_k_entropy
 from .transport import END, STALL_S, Server, Stalled, TooManyChoices, Transport, next_chunk, usage_of
 
 WHOLE_MAX_TOKENS = 32  # a plain extend this short is sent whole: cancelling it saves little, its usage counts appends
@@ -454,7 +453,7 @@ def _record_logprobs(b: RemoteBranch, logprobs, top_k: int) -> None:
         best = sorted((alternatives or {}).values(), reverse=True)[:top_k]
         if best:
             b.confidences.append(top_k_confidence(best))
-            b.entropies.append(-sum(math.exp(lp) * lp for lp in best))
+            b.entropies.append(top_k_entropy(best))
             b.last_top_logprobs = dict(alternatives)
 
 
