@@ -1,6 +1,6 @@
 """The remote engine against llama.cpp's own C++ server (``llama-server``: parallel slots, continuous batching, prompt
 cache), the closest CPU stand-in for vLLM/SGLang, and the faults it must survive: a server killed (SIGKILL) or hung
-(SIGSTOP) in the middle of a stream, then restarted, during a ``ponder bench`` run too.
+(SIGSTOP) in the middle of a stream, then restarted, during a ``ponder bench`` run and under ``ponder serve`` too.
 
 The servers are built once by ``benchmarks/testbed/llama_server.py build`` (cached under ~/.cache/ponder/llama-server);
 where it is not built these tests are skipped, saying how to build it. Each starts its servers on free ports of
@@ -183,3 +183,40 @@ def test_bench_answers_every_problem_once_while_an_endpoint_is_killed(up, tmp_pa
         extra = r["usage"]["generated_tokens"] - sum(br["generated_tokens"] for br in r["branches"]) - 1
         assert 0 <= extra <= len(r["branches"])
     assert not a.running  # it was killed during the run (restored by the next test's fixture)
+
+
+def test_ponder_serve_answers_every_client_while_an_endpoint_is_killed(up):
+    import os
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from ponder.server.process import ServerProcess, free_port
+
+    a, b = up
+    port = free_port()
+    command = [sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--engine", "openai", "--model", MODEL,
+               "--base-url", a.base_url, "--base-url", b.base_url, "--max-running", "4"]
+
+    def ask(k: int) -> httpx.Response:
+        body = {"model": f"sc-2/{MODEL}", "messages": [{"role": "user", "content": f"What is {k} + {k + 10}?"}],
+                "max_tokens": 48, "seed": k}
+        return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+
+    with ServerProcess(command, port, env={**os.environ, "PONDER_API_KEY": ""}):
+        killer = threading.Timer(1.5, a.kill)
+        killer.start()
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(ask, range(4)))
+        finally:
+            killer.cancel()
+    assert [r.status_code for r in responses] == [200] * 4  # every client answered, none failed or hung
+    for r in responses:
+        body = r.json()
+        assert body["choices"][0]["message"]["content"]
+        branches = body["ponder"]["branches"]  # as in the bench test: + the prompt request's token, + end tokens
+        extra = body["usage"]["completion_tokens"] - sum(br["generated_tokens"] for br in branches) - 1
+        assert 0 <= extra <= len(branches)
+    assert not a.running  # it was killed while the requests ran (restored by the next test's fixture)
