@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,33 @@ class Injector:
             self.c.failing = False
 
 
+def fault_schedule(a: LlamaServer, b: LlamaServer, c: FaultProxy, span: float, args) -> Injector:
+    """The faults of a phase that takes about ``span`` seconds when quiet: A killed at a tenth of it, B hung at 35 %,
+    C failing 5 s after B resumes."""
+    return Injector(a, b, c, at={"kill": 0.1 * span, "hang": 0.35 * span, "503": 0.35 * span + args.hang_s + 5},
+                    hang_s=args.hang_s, unavailable_s=args.unavailable_s)
+
+
+@contextmanager
+def faults_running(injector: Injector | None):
+    """The injector's fault schedule runs in its thread while the block runs; then it is stopped and joined, and an
+    error it met is raised."""
+    thread = injector.start() if injector else None
+    try:
+        yield
+    finally:
+        if injector:
+            injector.done.set()
+            thread.join(timeout=120)
+    if injector and injector.error:
+        raise injector.error
+
+
+def overlaps(started: float, finished: float, windows: list[tuple[float, float, str]]) -> bool:
+    """Whether a request or problem that ran from ``started`` to ``finished`` overlapped a fault window."""
+    return any(s <= finished and started <= e for s, e, _ in windows)
+
+
 def check_results(path: Path, ids: list[str]) -> dict:
     """Exactly once, and the usage of every record adds up."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -148,8 +176,7 @@ def problem_walls(path: Path, windows: list[tuple[float, float, str]] | None = N
     during, outside = [], []
     for r in records:
         started, finished = r["started"], r["finished"]
-        hit = any(s <= finished and started <= e for s, e, _ in windows or [])
-        (during if hit else outside).append(r["wall_s"])
+        (during if overlaps(started, finished, windows or []) else outside).append(r["wall_s"])
     return during, outside
 
 
@@ -167,8 +194,7 @@ def run_phase(name: str, urls: list[str], out: Path, args, injector: Injector | 
     totals = {"requests": 0, "retries": 0, "resumed": 0, "hung": 0, "generated_tokens": 0}
     attempts, errors = 0, []
     started = time.time()
-    thread = injector.start() if injector else None
-    try:
+    with faults_running(injector):
         while attempts < max_attempts:
             attempts += 1
             engine = OpenAIEngine(urls, MODEL)
@@ -185,13 +211,7 @@ def run_phase(name: str, urls: list[str], out: Path, args, injector: Injector | 
                 for key in ("retries", "resumed", "hung"):
                     totals[key] += engine.faults[key]
                 engine.close()
-    finally:
-        if injector:
-            injector.done.set()
-            thread.join(timeout=120)
     wall = time.time() - started
-    if injector and injector.error:
-        raise injector.error
     result = {"phase": name, "wall_s": round(wall, 1), "bench_attempts": attempts, "bench_errors": errors,
               **totals, **check_results(out, [p.id for p in problems])}
     return result
@@ -278,27 +298,19 @@ def serve_phase(name: str, urls: list[str], args, injector: Injector | None = No
     with ServerProcess(command, port, env=env, cwd=str(ROOT)) as server:
         model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
         started = time.time()
-        thread = injector.start() if injector else None
         clients = [threading.Thread(target=client, args=(k, model)) for k in range(args.clients)]
-        try:
+        with faults_running(injector):
             for c in clients:
                 c.start()
             for c in clients:
                 c.join()
-        finally:
-            if injector:
-                injector.done.set()
-                thread.join(timeout=120)
         wall = time.time() - started
-    if injector and injector.error:
-        raise injector.error
     statuses: dict[str, int] = {}
     for o in outcomes:
         statuses[str(o["status"])] = statuses.get(str(o["status"]), 0) + 1
     windows = injector.windows if injector else []
-    during = [o["wall_s"] for o in outcomes if any(s <= o["finished"] and o["started"] <= e for s, e, _ in windows)]
-    outside = [o["wall_s"] for o in outcomes if not any(s <= o["finished"] and o["started"] <= e
-                                                         for s, e, _ in windows)]
+    during = [o["wall_s"] for o in outcomes if overlaps(o["started"], o["finished"], windows)]
+    outside = [o["wall_s"] for o in outcomes if not overlaps(o["started"], o["finished"], windows)]
     return {"phase": name, "wall_s": round(wall, 1), "requests": len(outcomes), "statuses": statuses,
             "hung": statuses.get("timeout", 0), "errors": sorted({o["error"] for o in outcomes if o.get("error")}),
             "completion_tokens": sum(o.get("completion_tokens", 0) for o in outcomes),
@@ -360,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(quiet), flush=True)
         if "faults" in phases:
             span = quiet_wall or 60.0
-            injector = Injector(a, b, c, at={"kill": 0.1 * span, "hang": 0.35 * span, "503": 0.35 * span + args.hang_s
-                                             + 5}, hang_s=args.hang_s, unavailable_s=args.unavailable_s)
+            injector = fault_schedule(a, b, c, span, args)
             faults = run_phase("faults", urls, args.out / "faults.jsonl", args, injector=injector)
             during, outside = problem_walls(args.out / "faults.jsonl", injector.windows)
             faults.update(faults_injected=[w[2] for w in injector.windows], fault_windows=injector.windows,
@@ -385,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(served), flush=True)
         if "serve-faults" in phases:
             span = serve_wall or 60.0
-            injector = Injector(a, b, c, at={"kill": 0.1 * span, "hang": 0.35 * span, "503": 0.35 * span + args.hang_s
-                                             + 5}, hang_s=args.hang_s, unavailable_s=args.unavailable_s)
+            injector = fault_schedule(a, b, c, span, args)
             served = serve_phase("serve-faults", urls, args, injector=injector)
             served.update(faults_injected=[w[2] for w in injector.windows], fault_windows=injector.windows)
             report["phases"].append(served)
