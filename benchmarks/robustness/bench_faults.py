@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-timeout", type=float, default=300.0,
                         help="seconds a serve-phase client waits for an answer; longer counts as a hang")
     parser.add_argument("--serve-requests", type=int, default=24, help="requests of each serve phase, all clients")
-    parser.add_argument("--phases", default="quiet,faults,self-kill,serve-quiet,serve-faults")
+    parser.add_argument("--phases", default="quiet,faults,self-kill,serve-quiet,serve-faults",
+                        help="comma-separated phases to run, in this order (default: all five)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robustness" / "faults")
     args = parser.parse_args(argv)
     reason = unavailable_reason()

@@ -480,22 +480,24 @@ def test_ponder_serve_answers_503_when_the_remote_is_down(scripted):
     assert "is it running?" in response.json()["error"]["message"]
 
 
+async def extend_one_fork(engine: OpenAIEngine) -> None:
+    """Open a prompt, fork one branch and extend it 64 tokens; both are released whatever the extend raises."""
+    root = await engine.open("Q: 2+2? A:")
+    (branch,) = await root.fork(1)
+    try:
+        await branch.extend(SamplingParams(max_tokens=64))
+    finally:
+        root.release()
+        branch.release()
+
+
 def test_a_connection_lost_mid_stream_is_a_clear_error(scripted):
     backend, served = scripted()
     engine = OpenAIEngine([served.url])
     backend.break_after = 2
 
-    async def run():
-        root = await engine.open("Q: 2+2? A:")
-        (branch,) = await root.fork(1)
-        try:
-            await branch.extend(SamplingParams(max_tokens=64))
-        finally:
-            root.release()
-            branch.release()
-
     with pytest.raises(RemoteUnavailableError, match=f"lost the connection to {served.url}/v1 during generation"):
-        asyncio.run(run())
+        asyncio.run(extend_one_fork(engine))
     assert engine.stats().live_branches == 0
 
 
@@ -572,18 +574,8 @@ def test_a_stream_that_keeps_breaking_is_resumed_at_most_retries_times(scripted)
     engine = OpenAIEngine([served.url], retries=2)
     backend.break_after = 1
 
-    async def run():
-        root = await engine.open("Q: 2+2? A:")
-        (branch,) = await root.fork(1)
-        try:
-            await branch.extend(SamplingParams(max_tokens=64))
-        finally:
-            root.release()
-            branch.release()
-        return branch
-
     with pytest.raises(RemoteUnavailableError, match="resumed 2 times"):
-        asyncio.run(run())
+        asyncio.run(extend_one_fork(engine))
     assert engine.faults["resumed"] == 2
 
 
