@@ -3,18 +3,22 @@
     python -m benchmarks.peers.bench_peers                          # GSM8K dev, first 50 problems, every system
     python -m benchmarks.peers.bench_peers --limit 2 --out-dir /tmp/peers-smoke   # a smoke run of the plumbing
     python -m benchmarks.peers.bench_peers --systems optillm-sc,ponder-sc --data math500 --limit 20
+    python -m benchmarks.peers.bench_peers --server llama-server --model qwen2.5-1.5b --offset 200 --limit 20 \
+        --systems its_hub-sc,ponder-sc,ponder-auto --out-dir benchmarks/results/peers/llama-server-1.5b
 
 What runs:
 
-1. llama-cpp-python's OpenAI-compatible server with the bundled 0.5B on 127.0.0.1 (2 threads, ``--n_ctx`` 8192,
-   ``--interrupt_requests false``), and in front of it the counting proxy (``peers/counting_proxy.py``): every
+1. A server with a bundled model (``--model``, default the 0.5B) on 127.0.0.1, 2 threads: llama-cpp-python's
+   OpenAI-compatible server (``--n_ctx`` 8192, ``--interrupt_requests false``; it decodes one request at a time), or
+   with ``--server llama-server`` llama.cpp's own (``benchmarks/testbed/llama_server.py``: 8 slots decoded together,
+   continuous batching, prompt cache). In front of it the counting proxy (``peers/counting_proxy.py``): every
    system gets its own base URL on it, and every request it sends upstream is recorded with the server's own token
    counts. The proxy also gives every system the same sampler (top_p, top_k, min_p 0, repeat_penalty 1) and a server
    that honours ``n`` and ``max_completion_tokens`` (see its docstring).
 2. The remote systems, one after the other (each peer in its own venv under ``peers/venvs/``, installed on first
    use): optillm ``self_consistency``, ``bon`` and the ``majority_voting`` plugin through optillm's proxy; its_hub
-   ``SelfConsistency``, ``BestOfN`` and ``ParticleFiltering``; ponder ``sc``, ``adaptive``, ``bon`` and
-   ``particles`` on its remote engine (``--engine openai``).
+   ``SelfConsistency``, ``BestOfN`` and ``ParticleFiltering``; ponder ``sc``, ``adaptive``, ``bon``, ``particles``
+   and ``auto`` (its shipped policy: ``n`` does not apply) on its remote engine (``--engine openai``).
 3. The server is stopped, and the same ponder strategies run in process (the runs never share cores).
 
 Every final answer is scored by ponder's checker (math-verify equivalence). Each system's rows go to
@@ -45,13 +49,13 @@ from benchmarks.peers.counting_proxy import CountingProxy, Totals
 from benchmarks.peers.runners import ItsHubRunner, OptillmRunner, PonderRunner, Settings, user_turn
 from ponder.bench.datasets import load_dataset
 from ponder.bench.metrics import wilson_interval
-from ponder.models import resolve_model
+from ponder.models import CATALOG, resolve_model
 from ponder.server.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
-MODEL = "qwen2.5-0.5b"
-N_CTX = 8192
+N_CTX = 8192  # llama-cpp-python's server; llama-server gets SLOTS slots of SLOT_CTX tokens each
+SLOTS, SLOT_CTX = 8, 2048
 # system -> (family, method). Remote systems go through the server and the counting proxy; "local" ones run in
 # process, once the server is stopped.
 SYSTEMS = {
@@ -65,10 +69,12 @@ SYSTEMS = {
     "ponder-adaptive": ("ponder", "adaptive"),
     "ponder-bon": ("ponder", "bon"),
     "ponder-particles": ("ponder", "particles"),
+    "ponder-auto": ("ponder", "auto"),
     "ponder-sc-local": ("local", "sc"),
     "ponder-adaptive-local": ("local", "adaptive"),
     "ponder-bon-local": ("local", "bon"),
     "ponder-particles-local": ("local", "particles"),
+    "ponder-auto-local": ("local", "auto"),
 }
 # method -> (the peers' systems, ponder's systems) that the issue's target compares.
 MATCHES = {
@@ -76,6 +82,9 @@ MATCHES = {
                          ["ponder-sc", "ponder-adaptive", "ponder-sc-local", "ponder-adaptive-local"]),
     "best-of-n": (["optillm-bon", "its_hub-bon"], ["ponder-bon", "ponder-bon-local"]),
     "particle filtering": (["its_hub-pf"], ["ponder-particles", "ponder-particles-local"]),
+    # ponder's adaptive policy is no peer method's twin: it is held against every peer.
+    "adaptive policy": (["optillm-sc", "optillm-majority", "its_hub-sc", "optillm-bon", "its_hub-bon", "its_hub-pf"],
+                        ["ponder-auto", "ponder-auto-local"]),
 }
 NOTES = {
     "optillm-sc": "optillm: always 5 samples at temperature 1, groups whole texts by string similarity",
@@ -98,20 +107,22 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown systems: {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     dataset = load_dataset(args.data)
-    problems = dataset.select(limit=args.limit)
-    settings = Settings(model=MODEL, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    problems = dataset.select(offset=args.offset, limit=args.limit)
+    settings = Settings(model=args.model, n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_tokens=args.max_tokens, max_steps=args.max_steps)
     sampler = {"top_p": args.top_p, "top_k": args.top_k, "min_p": 0.0, "repeat_penalty": 1.0}
     # Settings a results file must share to be resumed (the problem count may grow: rows are kept per problem).
     config = {"data": dataset.name, "data_sha256": dataset.sha256, **asdict(settings),
               "sampler": sampler, "prompt": user_turn("{question}"), "scoring": dataset.scoring}
+    if args.server != "llama-cpp-python":  # only then, so that the folders written before the option still resume
+        config["server"] = args.server
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(MODEL).path
+    model_path = resolve_model(args.model).path
 
     remote = [s for s in systems if SYSTEMS[s][0] != "local" and pending(args.out_dir, s, problems, config)]
     if remote:
         with ExitStack() as stack:
-            server = stack.enter_context(llama_server(model_path))
+            server = stack.enter_context(start_server(args.server, args.model, model_path))
             proxy = stack.enter_context(CountingProxy(server.url, sampler=sampler,
                                                       count_tokens=tokenizer(model_path)))
             for system in remote:
@@ -136,7 +147,13 @@ def main() -> int:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="gsm8k", help="dataset (default gsm8k: GSM8K dev)")
-    parser.add_argument("--limit", type=int, default=50, help="first N problems (default 50)")
+    parser.add_argument("--offset", type=int, default=0, help="skip the first N problems (default 0)")
+    parser.add_argument("--limit", type=int, default=50, help="then run N problems (default 50)")
+    parser.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(CATALOG),
+                        help="the bundled model every system is served (default qwen2.5-0.5b)")
+    parser.add_argument("--server", default="llama-cpp-python", choices=["llama-cpp-python", "llama-server"],
+                        help="the server every remote system talks to (default llama-cpp-python, one request at a "
+                             "time; llama-server batches its slots)")
     parser.add_argument("--systems", help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
     parser.add_argument("--n", type=int, default=5,
                         help="samples, candidates or particles per problem (default 5: optillm's self_consistency "
@@ -150,9 +167,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def llama_server(model_path: str) -> ServerProcess:
+def start_server(server: str, model: str, model_path: str):
+    """The server, started; ``.url`` is its root."""
+    if server == "llama-server":
+        from benchmarks.testbed.llama_server import LlamaServer, unavailable_reason
+
+        if reason := unavailable_reason():
+            raise SystemExit(reason)
+        return LlamaServer(model, parallel=SLOTS, ctx_per_slot=SLOT_CTX, threads=2)
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", MODEL,
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", model,
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(N_CTX), "--n_threads", "2",
                "--n_threads_batch", "2", "--interrupt_requests", "false"]
     return ServerProcess(command, port, ready_path="/v1/models", stop_timeout_s=15)
@@ -242,8 +266,9 @@ def run_system(out_dir: Path, system: str, runner, problems, dataset, config: di
 
 def render_table(out_dir: Path, systems: list[str], config: dict, problems) -> str:
     wanted = {p.id for p in problems}
-    lines = [f"{config['data']}, {len(problems)} problems, n={config['n']}, temperature {config['temperature']}, "
-             f"max_tokens {config['max_tokens']}, sampler {config['sampler']}",
+    server = {"llama-server": "llama.cpp's llama-server"}.get(config.get("server"), "llama-cpp-python's server")
+    lines = [f"{config['data']}, {len(problems)} problems, {config['model']} behind {server}, n={config['n']}, "
+             f"temperature {config['temperature']}, max_tokens {config['max_tokens']}, sampler {config['sampler']}",
              "",
              "| system | solved | accuracy (95 % CI) | upstream requests / problem | prompt tok / problem | "
              "completion tok / problem | reported prompt tok / problem | reported completion tok / problem | "

@@ -8,6 +8,9 @@ tokens it evaluated, tokens it predicted, decode calls). Results files go to ``-
 report`` reads them) and the summary to ``--out/summary.json``.
 
     python -m benchmarks.performance.bench_llama_server --strategy sc --n 8 --problems 5 --max-tokens 512
+    python -m benchmarks.performance.bench_llama_server --strategy auto --model qwen2.5-1.5b --problems 5
+
+``--n`` is also the server's slot count, so that every branch of a wave can decode at once.
 """
 
 from __future__ import annotations
@@ -22,13 +25,12 @@ from benchmarks.testbed.llama_server import LlamaServer, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
-MODEL = "qwen2.5-0.5b"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="sc")
-    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a bundled model's name (default qwen2.5-0.5b)")
+    parser.add_argument("--n", type=int, default=8, help="branches, and the server's parallel slots (default 8)")
     parser.add_argument("--problems", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -51,16 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(args.strategy, args.n, SamplingParams(max_tokens=args.max_tokens), 0,
                          strategy_options(args.option))
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.strategy}{args.n}-{args.max_tokens}"
+    tag = f"{args.strategy}{args.n}-{args.max_tokens}" + ("" if args.model == "qwen2.5-0.5b" else f"-{args.model}")
     files = {"in-process": args.out / f"{tag}-in-process.jsonl", "llama-server": args.out / f"{tag}-llama-server.jsonl"}
     for path in files.values():
         path.unlink(missing_ok=True)
-    summary: dict = {"config": {"strategy": args.strategy, "n": args.n, "problems": args.problems,
+    summary: dict = {"config": {"strategy": args.strategy, "model": args.model, "n": args.n, "problems": args.problems,
                                 "max_tokens": args.max_tokens, "threads": args.threads, "options": config.options,
                                 "data": "gsm8k dev, first problems"}}
-    local = load_engine(MODEL, n_threads=args.threads)
-    with LlamaServer(MODEL, parallel=args.n, ctx_per_slot=args.max_tokens + 512, threads=args.threads) as server:
-        remote = OpenAIEngine([server.base_url], MODEL)
+    local = load_engine(args.model, n_threads=args.threads)
+    with LlamaServer(args.model, parallel=args.n, ctx_per_slot=args.max_tokens + 512, threads=args.threads) as server:
+        remote = OpenAIEngine([server.base_url], args.model)
         counters_before = server.metrics()
         requests_before = remote.stats().decode_steps
         walls = {"in-process": 0.0, "llama-server": 0.0}

@@ -35,7 +35,8 @@ def test_a_faster_cheaper_equally_right_ponder_meets_the_target(tmp_path):
     write(tmp_path, "optillm-sc", [row("a", True, 40, 1000), row("b", False, 40, 1000)])
     write(tmp_path, "ponder-sc-local", [row("a", True, 10, 400, local=True), row("b", False, 10, 400, local=True)])
     problems = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
-    config = {"data": "gsm8k", "n": 4, "temperature": 0.7, "max_tokens": 512, "sampler": "default"}
+    config = {"data": "gsm8k", "model": "qwen2.5-0.5b", "n": 4, "temperature": 0.7, "max_tokens": 512,
+              "sampler": "default"}
     table = render_table(tmp_path, ["optillm-sc", "ponder-sc-local"], config, problems)  # read from the files
     assert "| optillm-sc | 1/2 | 50.0%" in table and "versions: optillm 1.0, ponder 1.0" in table
     assert target_rows(table.splitlines())[("ponder-sc-local", "optillm-sc")] == ["2", "+0.0", "0.25", "0.40", "met"]
@@ -52,6 +53,14 @@ def test_misses_are_named_and_only_shared_problems_count():
 def test_different_methods_are_not_compared():
     results = {"optillm-bon": by_id(row("a", True, 40, 1000)), "ponder-sc": by_id(row("a", True, 1, 1))}
     assert target_rows(render_targets(results)) == {}
+
+
+def test_the_adaptive_policy_is_held_against_every_peer():
+    results = {"its_hub-sc": by_id(row("a", True, 40, 1000)), "optillm-bon": by_id(row("a", False, 40, 2000)),
+               "ponder-auto": by_id(row("a", True, 10, 400))}
+    table = target_rows(render_targets(results))
+    assert table[("ponder-auto", "its_hub-sc")] == ["1", "+0.0", "0.25", "0.40", "met"]
+    assert table[("ponder-auto", "optillm-bon")] == ["1", "+100.0", "0.25", "0.20", "met"]
 
 
 def test_the_table_keeps_every_system_run_under_the_same_settings(tmp_path):
