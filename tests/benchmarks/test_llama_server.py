@@ -72,6 +72,30 @@ def test_self_consistency_over_llama_server(up):
     assert after["llamacpp:n_decode_total"] - before["llamacpp:n_decode_total"] < predicted
 
 
+def test_token_logprobs_and_a_self_verified_best_of_n_over_llama_server(up):
+    # llama-server lists a completion's logprobs in the chat API's shape ("content"), not the completions API's.
+    a, _ = up
+    engine = OpenAIEngine([a.base_url], MODEL)
+
+    async def run():
+        root = await engine.open(QUESTION)
+        branch = await root.fork()
+        await branch.extend(SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=5,
+                                           ignore_eos=True))
+        return branch
+
+    try:
+        branch = asyncio.run(run())
+        assert engine._transport.servers[0].supports_logprobs
+        result = asyncio.run(get_strategy("bon")(engine, QUESTION, n=2, params=SamplingParams(max_tokens=48),
+                                                 seed=1, verifier="self"))
+    finally:
+        engine.close()
+    assert branch.generated_tokens == 12
+    assert len(branch.token_logprobs) == len(branch.confidences) == 12 and all(lp <= 0 for lp in branch.token_logprobs)
+    assert result.answer == "42" and 0 < result.votes["42"] < 1  # the chosen candidate's P(Yes)
+
+
 def test_requests_are_routed_across_two_llama_servers(up):
     a, b = up
     engine = OpenAIEngine([a.base_url, b.base_url], MODEL)

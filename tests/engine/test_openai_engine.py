@@ -24,22 +24,24 @@ from ponder.engine.base import PonderError, PromptTooLongError, SamplingParams, 
 from ponder.engine.base import RemoteUnavailableError
 from ponder.engine.remote import OpenAIEngine
 from ponder.engine.remote.engine import _chat_formatter
-from ponder.engine.remote.transport import _api_root, _echo_aligned, _status_error
+from ponder.engine.remote.transport import TokenLogprobs, _api_root, _echo_aligned, _status_error
 from ponder.prompts import math_messages
 from ponder.server.process import free_port
 
 
 class ScriptedCompletions:
     """An OpenAI-compatible app whose ``/v1/completions`` plays ``words`` (one chunk per word when streaming), with
-    ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks
-    (with ``alternatives`` among each token's top logprobs), after ``delay`` seconds, failing the next ``failures``
+    ``n`` choices if ``honours_n`` and a logprob of -0.25 per token if ``honours_logprobs`` and the request asks (with
+    ``alternatives`` among each token's top logprobs; in the completions API's shape, or with ``logprobs_shape="chat"``
+    in the chat API's, as llama.cpp's llama-server answers), after ``delay`` seconds, failing the next ``failures``
     calls with ``failure_status`` first, or breaking the connection after ``break_after`` words. A request sent whole
     gets the same words in one completion. Its prompts have one token per whitespace-separated word; like vLLM, its
     usage counts the end-of-sequence token, which streams no text."""
 
-    def __init__(self, honours_n: bool = False, honours_logprobs: bool = False):
+    def __init__(self, honours_n: bool = False, honours_logprobs: bool = False, logprobs_shape: str = "completions"):
         self.honours_n = honours_n
         self.honours_logprobs = honours_logprobs
+        self.logprobs_shape = logprobs_shape
         self.words = ["The", " answer", " is", " 4", "."]
         self.alternatives: dict[str, float] = {}  # listed beside every token in top_logprobs
         self.failures, self.failure_status, self.delay = 0, 503, 0.0
@@ -82,11 +84,17 @@ class ScriptedCompletions:
 
     def _choice(self, index: int, text: str | list[str], finish_reason: str | None, logprobs: bool) -> dict:
         tokens = text if isinstance(text, list) else [text] if text else []
-        return {"index": index, "text": "".join(tokens), "finish_reason": finish_reason,
-                "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
-                             "top_logprobs": [{t: -0.25, **self.alternatives} for t in tokens],
-                             "text_offset": [0] * len(tokens)}
-                if logprobs else None}
+        choice = {"index": index, "text": "".join(tokens), "finish_reason": finish_reason, "logprobs": None}
+        if logprobs and self.logprobs_shape == "chat":
+            choice["logprobs"] = {"content": [
+                {"id": 0, "token": t, "logprob": -0.25,
+                 "top_logprobs": [{"id": 0, "token": alt, "logprob": lp}
+                                  for alt, lp in {t: -0.25, **self.alternatives}.items()]} for t in tokens]}
+        elif logprobs:
+            choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
+                                  "top_logprobs": [{t: -0.25, **self.alternatives} for t in tokens],
+                                  "text_offset": [0] * len(tokens)}
+        return choice
 
     def _completion(self, choices: list[dict], usage: tuple[int, int] | None = None) -> dict:
         completion = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "scripted",
@@ -158,8 +166,9 @@ def test_chat_template_from_a_file(tmp_path):
 
 def test_echo_alignment_detects_logprobs_shifted_by_one():
     tokens = ["1", ",", " 2", ",", " 3", ","]
-    aligned = SimpleNamespace(tokens=tokens, top_logprobs=[None] + [{t: -0.1} for t in tokens[1:]])
-    shifted = SimpleNamespace(tokens=tokens, top_logprobs=[{t: -0.1} for t in tokens[1:]] + [{"x": -0.1}])
+    values = [None] + [-0.1] * 5
+    aligned = TokenLogprobs(tokens, values, [{}] + [{t: -0.1} for t in tokens[1:]])
+    shifted = TokenLogprobs(tokens, values, [{t: -0.1} for t in tokens[1:]] + [{"x": -0.1}])
     assert _echo_aligned(aligned)
     assert not _echo_aligned(shifted)
     assert not _echo_aligned(None)
@@ -413,11 +422,13 @@ def test_only_n_is_probed_at_start_the_rest_on_first_need(scripted):
     assert server.supports_echo_logprobs is False
 
 
-def test_bon_self_verifies_by_one_generated_token_where_the_server_has_no_echo_logprobs(scripted):
+@pytest.mark.parametrize("shape", ["completions", "chat"])
+def test_bon_self_verifies_by_one_generated_token_where_the_server_has_no_echo_logprobs(scripted, shape):
     from ponder.strategies import get_strategy
     from ponder.verifiers.llm import SELF_CHECK
 
-    backend, served = scripted(honours_logprobs=True)  # its echo logprobs are no use: one token, unaligned
+    # Its echo logprobs are no use (one token, unaligned); "chat": logprobs as llama-server lists them.
+    backend, served = scripted(honours_logprobs=True, logprobs_shape=shape)
     backend.alternatives = {" Yes": math.log(0.6), " No": math.log(0.2)}
     engine = OpenAIEngine([served.url])
     backend.bodies = []
@@ -451,8 +462,9 @@ def test_a_branch_released_while_its_logprobs_are_probed_ends_cancelled(scripted
     assert not any(body.get("stream") for body in backend.bodies) and engine.stats().live_branches == 0
 
 
-def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(scripted):
-    backend, served = scripted(honours_n=True, honours_logprobs=True)
+@pytest.mark.parametrize("shape", ["completions", "chat"])
+def test_branches_that_need_logprobs_together_share_one_probe_and_one_request(scripted, shape):
+    backend, served = scripted(honours_n=True, honours_logprobs=True, logprobs_shape=shape)
     engine = OpenAIEngine([served.url])
     backend.bodies = []
     branches, _ = asyncio.run(three_siblings(engine, params=SamplingParams(max_tokens=64, logprobs=True)))

@@ -35,9 +35,9 @@ in-process engine uses) plus everything the branch has generated. Each operation
 One engine serves one remote model (the one named, or the only one the server lists); every branch has it as
 ``model``.
 
-Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated or appended token,
-so counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the
-entropy is that of those k alternatives renormalised, as on the in-process engine); the last token's alternatives are kept as
+Token ids never cross the OpenAI API: a remote branch's ``tokens`` holds one ``-1`` per generated or appended token, so
+counts are exact and ids unknown. Confidence and entropy come from the ``top_logprobs`` the server returns (the entropy
+is that of those k alternatives renormalised, as on the in-process engine); the last token's alternatives are kept as
 ``last_top_logprobs``.
 
 The servers, retries, faults and capability probes underneath are ``transport.py``'s. This module stays one piece
@@ -61,7 +61,8 @@ from ..base import (Branch, Engine, EngineStats, HiddenUnsupportedError, Message
                     RemoteUnavailableError, SamplingParams, ScoreUnsupportedError, StopIf, Usage)
 from ..chat_templates import CHAT_TEMPLATES
 from ..tokens import end_reason, top_k_confidence, top_k_entropy
-from .transport import END, STALL_S, Server, Stalled, TooManyChoices, Transport, next_chunk, usage_of
+from .transport import (END, STALL_S, Server, Stalled, TokenLogprobs, TooManyChoices, Transport, next_chunk,
+                        token_logprobs_of, usage_of)
 
 WHOLE_MAX_TOKENS = 32  # a plain extend this short is sent whole: cancelling it saves little, its usage counts appends
 
@@ -205,12 +206,12 @@ class OpenAIEngine(Engine):
         async with self._transport.request(branch.server, prompt=prefix + continuation, max_tokens=1, temperature=0.0,
                                  echo=True, logprobs=1) as (server, completion):
             counted = usage_of(completion, server)
-        logprobs = completion.choices[0].logprobs
-        if logprobs is None or not logprobs.token_logprobs or not logprobs.tokens:
+        entries = token_logprobs_of(completion.choices[0].logprobs)
+        if entries is None or not entries.tokens:
             raise PonderError(f"{server.url} returned no prompt logprobs for score()")
         # The continuation is the end of the prompt. Servers differ in whether the echo lists the generated token and
         # in how text_offset counts special tokens, so find it from the prompt tokens' own texts, from the end.
-        prompt_entries = list(zip(logprobs.tokens, logprobs.token_logprobs))[: counted.prompt_tokens]
+        prompt_entries = list(zip(entries.tokens, entries.logprobs))[: counted.prompt_tokens]
         joined = "".join(token for token, _ in prompt_entries)
         if not joined.endswith(continuation):
             raise PonderError(f"{server.url} echoed a prompt that does not end with the scored continuation")
@@ -393,8 +394,8 @@ class OpenAIEngine(Engine):
         """Apply one choice (a streamed delta or a whole completion's) to the job's branch; return the tokens it
         carried."""
         b = job.branch
-        logprobs = choice.logprobs
-        count = len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(choice.text))
+        entries = token_logprobs_of(choice.logprobs)
+        count = len(entries.tokens) if entries is not None else int(bool(choice.text))
         if count:
             job.generated += count
             b.text += choice.text
@@ -402,8 +403,8 @@ class OpenAIEngine(Engine):
             b.context_tokens += count
             b.usage.add("generated_tokens", count, b.model)
             self._counters.generated_tokens += count
-            if job.params.wants_logprobs and logprobs is not None:
-                _record_logprobs(b, logprobs, job.params.top_logprobs)
+            if job.params.wants_logprobs and entries is not None:
+                _record_logprobs(b, entries, job.params.top_logprobs)
             # No token allowance here: the server reports the length itself (``finish_reason`` below).
             reason = end_reason(b, job.params, job.stop_if, job.text_start, len(choice.text), remaining=None)
             if reason is not None:
@@ -445,12 +446,12 @@ def _without_seed(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, seed=None)
 
 
-def _record_logprobs(b: RemoteBranch, logprobs, top_k: int) -> None:
-    b.token_logprobs.extend(lp for lp in logprobs.token_logprobs if lp is not None)
+def _record_logprobs(b: RemoteBranch, entries: TokenLogprobs, top_k: int) -> None:
+    b.token_logprobs.extend(lp for lp in entries.logprobs if lp is not None)
     if not top_k:
         return
-    for alternatives in logprobs.top_logprobs or []:
-        best = sorted((alternatives or {}).values(), reverse=True)[:top_k]
+    for alternatives in entries.top:
+        best = sorted(alternatives.values(), reverse=True)[:top_k]
         if best:
             b.confidences.append(top_k_confidence(best))
             b.entropies.append(top_k_entropy(best))

@@ -321,6 +321,34 @@ def usage_of(completion, server: Server):
     return completion.usage
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A choice's tokens (their texts), their log-probabilities and each one's top alternatives (text -> logprob)."""
+
+    tokens: list[str]
+    logprobs: list[float | None]
+    top: list[dict[str, float]]  # one per token; empty when no alternatives were asked for
+
+
+def token_logprobs_of(logprobs) -> TokenLogprobs | None:
+    """A choice's ``logprobs`` in either shape servers answer ``/v1/completions`` with: the completions API's own
+    (``tokens``, ``token_logprobs``, ``top_logprobs`` as dicts: vLLM, SGLang, llama-cpp-python) or the chat API's
+    (``content``, a list of ``{token, logprob, top_logprobs: [{token, logprob}]}``: llama.cpp's ``llama-server``).
+    None when the choice carries none."""
+    if logprobs is None:
+        return None
+    if logprobs.tokens:
+        tokens = list(logprobs.tokens)
+        values = list(logprobs.token_logprobs or [None] * len(tokens))
+        return TokenLogprobs(tokens, values, [dict(t or {}) for t in logprobs.top_logprobs or []])
+    content = (logprobs.model_extra or {}).get("content")
+    if not content:
+        return None
+    top = [{alt["token"]: alt["logprob"] for alt in entry.get("top_logprobs") or []} for entry in content]
+    return TokenLogprobs([entry["token"] for entry in content], [entry.get("logprob") for entry in content],
+                         top if any(top) else [])
+
+
 def _status_error(server: Server, exc: openai.APIStatusError, retried: int) -> PonderError:
     """A refusal as a ponder error; 429 and 5xx are ``RemoteUnavailableError`` (worth retrying)."""
     message = _error_message(exc)
@@ -393,27 +421,27 @@ async def _probe_answer(client: openai.AsyncOpenAI, url: str, served: str, promp
 async def _probe_logprobs(client: openai.AsyncOpenAI, url: str, served: str) -> bool:
     """Does the server return the logprobs of generated tokens?"""
     answer = await _probe_answer(client, url, served, "1+1=", logprobs=1)
-    logprobs = answer.choices[0].logprobs if answer is not None else None
-    return logprobs is not None and bool(logprobs.token_logprobs)
+    entries = token_logprobs_of(answer.choices[0].logprobs) if answer is not None else None
+    return entries is not None and any(lp is not None for lp in entries.logprobs)
 
 
 async def _probe_echo_logprobs(client: openai.AsyncOpenAI, url: str, served: str) -> bool:
     """Does it return prompt logprobs with ``echo`` that belong to the right tokens (llama-cpp-python 0.3's are
     shifted by one position)?"""
     echoed = await _probe_answer(client, url, served, COUNTING, echo=True, logprobs=1)
-    return echoed is not None and _echo_aligned(echoed.choices[0].logprobs)
+    return echoed is not None and _echo_aligned(token_logprobs_of(echoed.choices[0].logprobs))
 
 
 _LAZY_PROBES = {"supports_logprobs": _probe_logprobs, "supports_echo_logprobs": _probe_echo_logprobs}
 
 
-def _echo_aligned(logprobs) -> bool:
+def _echo_aligned(entries: TokenLogprobs | None) -> bool:
     """In a counting prompt nearly every token is the model's top guess: if the top alternatives listed at position i
     match token i, the prompt logprobs are aligned; if they match token i+1, every entry is off by one position."""
-    if logprobs is None or not logprobs.tokens or not logprobs.top_logprobs:
+    if entries is None or not entries.tokens or not entries.top:
         return False
-    tokens = logprobs.tokens
-    guesses = [max(top, key=top.get) if top else None for top in logprobs.top_logprobs]
+    tokens = entries.tokens
+    guesses = [max(top, key=top.get) if top else None for top in entries.top]
     aligned = sum(guesses[i] == tokens[i] for i in range(1, len(tokens)))
     off_by_one = sum(guesses[i] == tokens[i + 1] for i in range(1, len(tokens) - 1))
     return aligned > off_by_one
