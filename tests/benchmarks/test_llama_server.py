@@ -79,7 +79,7 @@ def test_token_logprobs_and_a_self_verified_best_of_n_over_llama_server(up):
 
     async def run():
         root = await engine.open(QUESTION)
-        branch = await root.fork()
+        (branch,) = await root.fork(1)
         await branch.extend(SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=5,
                                            ignore_eos=True))
         return branch
@@ -91,7 +91,7 @@ def test_token_logprobs_and_a_self_verified_best_of_n_over_llama_server(up):
                                                  seed=1, verifier="self"))
     finally:
         engine.close()
-    assert branch.generated_tokens == 12
+    assert branch.finish_reason == "length"  # 12 tokens: one logprob and one confidence each
     assert len(branch.token_logprobs) == len(branch.confidences) == 12 and all(lp <= 0 for lp in branch.token_logprobs)
     assert result.answer == "42" and 0 < result.votes["42"] < 1  # the chosen candidate's P(Yes)
 
