@@ -24,12 +24,13 @@ from pathlib import Path
 from benchmarks.testbed.llama_server import LlamaServer, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
+DEFAULT_MODEL = "qwen2.5-0.5b"  # its results files keep the names they had before --model (no model in them)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="sc")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a bundled model's name (default qwen2.5-0.5b)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model's name (default {DEFAULT_MODEL})")
     parser.add_argument("--n", type=int, default=8, help="branches, and the server's parallel slots (default 8)")
     parser.add_argument("--problems", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=512)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(args.strategy, args.n, SamplingParams(max_tokens=args.max_tokens), 0,
                          strategy_options(args.option))
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.strategy}{args.n}-{args.max_tokens}" + ("" if args.model == "qwen2.5-0.5b" else f"-{args.model}")
+    tag = f"{args.strategy}{args.n}-{args.max_tokens}" + ("" if args.model == DEFAULT_MODEL else f"-{args.model}")
     files = {"in-process": args.out / f"{tag}-in-process.jsonl", "llama-server": args.out / f"{tag}-llama-server.jsonl"}
     for path in files.values():
         path.unlink(missing_ok=True)
