@@ -1,5 +1,6 @@
 """What ``auto`` did on a results file: why it stopped, how often the opening pair agreed and was then right, each
-arm's accuracy and tokens, and the cost per problem -- the figures that explain a hit or a miss.
+arm's accuracy and tokens, the cost per problem, and what a tie-break (``--option tiebreak=...``) changed against the
+vote of the same branches -- the figures that explain a hit or a miss.
 
     python -m benchmarks.analysis.auto_stats benchmarks/results/gsm8k-auto/auto.jsonl [--sc SC_RESULTS.jsonl]
 
@@ -19,6 +20,16 @@ from collections import Counter, defaultdict
 
 from ponder.bench.metrics import wilson_interval
 from ponder.bench.runner import read_results
+
+
+def vote_was_right(record: dict) -> bool:
+    """Whether the run's vote (``votes``: each answer's arm-weighted total; ties to the first) was right, whatever
+    answered (a tie-break may have)."""
+    votes = record["votes"]
+    if not votes:
+        return False
+    winner = max(votes, key=votes.__getitem__)
+    return any(c["correct"] for c in record["answer_classes"] if c["answer"] == winner)
 
 
 def main(path: str, sc: str | None = None) -> None:
@@ -67,6 +78,15 @@ def main(path: str, sc: str | None = None) -> None:
     if both:
         either = sum(rg["correct"] or pg["correct"] for _, rg, pg in both)
         print(f"either greedy arm right: {either / len(both):.0%} (a perfect pick between the two)")
+    broken = [r for r in records if r["details"].get("tiebreak", {}).get("by", "vote") != "vote"]
+    if broken:
+        voted = [vote_was_right(r) for r in broken]
+        won = sum(r["correct"] and not v for r, v in zip(broken, voted))
+        lost = sum(v and not r["correct"] for r, v in zip(broken, voted))
+        print(f"the {broken[0]['details']['tiebreak']['by']} tie-break answered {len(broken)} unsettled problems: "
+              f"right {sum(r['correct'] for r in broken)}, where the arm-weighted vote of the same branches was right "
+              f"{sum(voted)} ({won} gained, {lost} lost); all problems by the vote: "
+              f"{(right - won + lost) / n:.1%}")
     if sc:
         from ponder.bench.metrics import summarize
 

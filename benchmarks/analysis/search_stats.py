@@ -29,27 +29,34 @@ from ponder.bench.runner import read_results
 from benchmarks.analysis.traces import auroc, summaries_main
 
 
-def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]], bool]:
-    """(value, right) of every finished solution, (score, on a right path) of every scored step, and whether any
-    finished solution was right."""
+def outcomes(problem: dict) -> tuple[dict[int, bool], dict[int, list[bool]]]:
+    """Whether each finished node's answer is right, and the right/wrong of the finished solutions in each node's
+    subtree (itself included), by node id."""
     nodes = problem["details"]["tree"]["nodes"]
     gold = normalize(problem["gold"])
     children: dict[int | None, list[dict]] = {}
     for node in nodes:
         children.setdefault(node["parent"], []).append(node)
     right = {node["id"]: equivalent(node["answer"], gold) for node in nodes if node["status"] == "finished"}
-
-    below: dict[int, list[bool]] = {}  # the right/wrong of the finished solutions in each node's subtree
+    below: dict[int, list[bool]] = {}
 
     def collect(node: dict) -> list[bool]:
-        outcomes = [right[node["id"]]] if node["id"] in right else []
+        found = [right[node["id"]]] if node["id"] in right else []
         for child in children.get(node["id"], []):
-            outcomes += collect(child)
-        below[node["id"]] = outcomes
-        return outcomes
+            found += collect(child)
+        below[node["id"]] = found
+        return found
 
     for root in children.get(None, []):
         collect(root)
+    return right, below
+
+
+def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]], bool]:
+    """(value, right) of every finished solution, (score, on a right path) of every scored step, and whether any
+    finished solution was right."""
+    nodes = problem["details"]["tree"]["nodes"]
+    right, below = outcomes(problem)
     finals = [(node["value"], right[node["id"]]) for node in nodes
               if node["id"] in right and node["value"] is not None]
     steps = [(node["score"], any(below[node["id"]])) for node in nodes

@@ -1,0 +1,134 @@
+"""Step AUROC of the correctness probe on a recorded search's trees (issue 33: "step scoring: step AUROC").
+
+A step search (``beam``, ``dvts``, ``particles``, ``astar``) keeps its tree: every partial solution's step text, its
+parent and the score its scorer gave it. This rebuilds each tree on the engine -- the prompt once, then each node
+forked from its parent with its step appended, level by level (so every token is evaluated once) -- and reads the
+final hidden state at the end of each step, which is what ``--option scorer=hidden`` scores live. It then prints the
+AUROC of the probe's scores and of the recorded scores, on the same steps and labels as ``search_stats``: a step is
+right when some finished solution below it is right; steps with no finished solution below are left out. Finished
+solutions get the same two AUROCs.
+
+    python -m benchmarks.analysis.step_probe benchmarks/results/math100/beam4-logprob.jsonl \\
+        --out benchmarks/results/probe/step-auroc-math500-0.5b.json
+
+The vectors are cached beside ``ponder probe train``'s (``benchmarks/results/probe/hidden``), so a rerun reads
+nothing again. The probe must not have been trained on these problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.analysis.search_stats import outcomes
+from benchmarks.analysis.traces import auroc
+from ponder.bench.datasets import load_dataset
+from ponder.bench.runner import read_results, run_prompt
+from ponder.engine.base import ModelInfo
+from ponder.models import load_engine
+from ponder.probes import probe_for
+from ponder.probes.train import DEFAULT_CACHE, HiddenCache
+from ponder.strategies.registry import math_chat
+
+
+async def read_tree(engine, chat, nodes: list[dict]) -> dict[int, np.ndarray]:
+    """The final hidden state at the end of every non-root node's path, by node id."""
+    root = await engine.open(chat)
+    held = {}
+    vectors = {}
+    try:
+        by_depth: dict[int, list[dict]] = {}
+        for node in nodes:
+            by_depth.setdefault(node["depth"], []).append(node)
+        for depth in sorted(by_depth):
+            level = by_depth[depth]
+            if depth == 0:
+                held.update({node["id"]: root for node in level})
+                continue
+
+            async def one(node):
+                (branch,) = await held[node["parent"]].fork(1)
+                held[node["id"]] = branch
+                await branch.append(node["step"])
+                vectors[node["id"]] = np.array(await branch.hidden(), dtype=np.float32)
+
+            await asyncio.gather(*(one(node) for node in level))
+            for node in by_depth.get(depth - 1, []):  # the parents' cells are in their children's now
+                if held[node["id"]] is not root:
+                    held.pop(node["id"]).release()
+    finally:
+        for branch in {id(b): b for b in (root, *held.values())}.values():
+            branch.release()
+    return vectors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a search's results file of ponder bench (trees kept)")
+    parser.add_argument("--problems", type=int, help="the first this many problems (default all)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="hidden states read so far")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    header, records = read_results(args.results)
+    records = [r for r in records if "details" in r and "tree" in r["details"]][:args.problems]
+    model = header["model"]
+    questions = {p.id: p.question for p in load_dataset(header["dataset"]["source"]).problems}
+    prompt = run_prompt(header)
+    tag = hashlib.sha256(args.results.read_bytes()).hexdigest()[:12]
+    cache = HiddenCache(args.cache, model["sha256"])
+    key = lambda record, node: f"step:{tag}:{record['id']}:{node['id']}"  # noqa: E731
+    todo = [r for r in records if any(key(r, n) not in cache.vectors for n in r["details"]["tree"]["nodes"]
+                                      if n["parent"] is not None)]
+    if todo:
+        engine = load_engine(model["name"], seed=0)
+        start, fed = time.perf_counter(), engine.stats().prefill_tokens
+        try:
+            for i, record in enumerate(todo, 1):
+                nodes = record["details"]["tree"]["nodes"]
+                vectors = asyncio.run(read_tree(engine, math_chat(questions[record["id"]], prompt), nodes))
+                cache.vectors.update({key(record, {"id": nid}): v for nid, v in vectors.items()})
+                cache.save()
+                took = time.perf_counter() - start
+                tokens = engine.stats().prefill_tokens - fed
+                print(f"  read {i}/{len(todo)} trees, {tokens} tokens in {took:.0f} s ({tokens / took:.0f} tok/s)",
+                      flush=True)
+        finally:
+            engine.close()
+    probe = probe_for(ModelInfo(model["name"], model["path"], sha256=model["sha256"]))
+    steps, finals = {"probe": [], "recorded": [], "right": []}, {"probe": [], "recorded": [], "right": []}
+    for record in records:
+        right, below = outcomes(record)
+        for node in record["details"]["tree"]["nodes"]:
+            if node["parent"] is None:
+                continue
+            p = float(probe.score(cache.vectors[key(record, node)]))
+            if node["score"] is not None and below.get(node["id"]):
+                steps["probe"].append(p), steps["recorded"].append(node["score"])
+                steps["right"].append(any(below[node["id"]]))
+            if node["id"] in right and node["value"] is not None:
+                finals["probe"].append(p), finals["recorded"].append(node["value"])
+                finals["right"].append(right[node["id"]])
+    scorer = header["config"]["options"].get("scorer", "?")
+    table = {"results": str(args.results), "problems": len(records), "recorded_scorer": scorer,
+             "probe": probe.trained.get("command", "")}
+    for name, group in (("steps", steps), ("finished", finals)):
+        table[name] = {"n": len(group["right"]), "right": int(sum(group["right"])),
+                       "auroc_probe": auroc(group["probe"], group["right"]),
+                       "auroc_recorded": auroc(group["recorded"], group["right"])}
+        t = table[name]
+        print(f"{name}: {t['n']} ({t['right']} right): AUROC probe {t['auroc_probe']:.3f}, "
+              f"recorded {scorer} {t['auroc_recorded']:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The analyses of the correctness probe's uses: ``auto_probe`` (the tie-break replayed on a live ``auto`` run),
+``auto_stats``' tie-break figures, and ``step_probe``'s rebuilding of a search tree on the engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from benchmarks.analysis import auto_probe, auto_stats, step_probe
+from ponder.engine.fake import FakeEngine
+
+
+def branch(answer, correct, kind="reasoning", logprob=-0.1):
+    return {"answer": answer, "correct": correct, "mean_logprob": logprob, "finish_reason": "stop",
+            "details": {"arm": f"{kind}-x", "kind": kind}}
+
+
+def test_each_rule_answers_an_unsettled_problem_its_own_way():
+    record = {"correct": False, "branches": [
+        branch("5", False, logprob=-0.05),        # 0: the greedy reasoning, likeliest
+        branch("8", False, kind="program"),       # 1
+        branch("7", True, logprob=-0.3),          # 2: the probe's pick
+        branch("9", False, kind="program"),       # 3
+    ]}
+    got = auto_probe.decide(record, {0: 0.2, 2: 0.9})
+    assert got == {"vote": False, "probe": True, "probe-vote": False, "logprob": False, "greedy": False,
+                   "any right": True}  # probe-vote: 7 has 0.9 against the programs' 1.25 each
+    assert auto_probe.decide(record, {0: 0.2, 2: 0.1})["probe"] is False
+
+
+def test_the_vote_of_a_tiebroken_run_is_read_from_its_votes():
+    record = {"votes": {"8": 1.25, "7": 1.0}, "answer_classes": [{"answer": "8", "correct": False},
+                                                                  {"answer": "7", "correct": True}]}
+    assert auto_stats.vote_was_right(record) is False
+    record["votes"] = {"7": 1.25, "8": 1.25}  # a tie goes to the first answer
+    assert auto_stats.vote_was_right(record) is True
+
+
+def test_a_tree_is_rebuilt_node_by_node_and_each_step_end_read():
+    nodes = [{"id": 0, "parent": None, "depth": 0, "step": ""},
+             {"id": 1, "parent": 0, "depth": 1, "step": "First.\n\n"},
+             {"id": 2, "parent": 0, "depth": 1, "step": "Other.\n\n"},
+             {"id": 3, "parent": 1, "depth": 2, "step": "Then \\boxed{7}"}]
+    engine = FakeEngine(["unused"], hidden_fn=lambda context: [float(len(context)), float("boxed" in context)])
+    vectors = asyncio.run(step_probe.read_tree(engine, "Q: ", nodes))
+    base = len("Q: ")
+    assert {k: v.tolist() for k, v in vectors.items()} == {
+        1: [base + 8, 0.0], 2: [base + 8, 0.0], 3: [base + 8 + 14, 1.0]}
+    assert engine.stats().live_branches == 0
