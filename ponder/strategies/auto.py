@@ -8,7 +8,9 @@ vote). Otherwise it adds waves of branches of the arms that paid most per second
 order, until the vote is settled: the leader leads the runner-up by ``margin`` votes, each branch voting with its arm's
 weight. It stops there, at ``max_branches``, at the token budget, or at ``budget_s`` seconds (a wave predicted not to
 finish in time does not start; one still running at the deadline is cancelled). Within a wave, each finished branch is
-counted at once, and once the vote is settled the branches still running are cancelled.
+counted at once, and once the vote is settled the branches still running are cancelled. A run that ends unsettled (the
+cap or a budget, no answer ahead by the margin) answers with its vote, except where the vote is a tie: there the
+model's correctness probe picks among the tied reasoning branches (``tiebreak``).
 
 A run's ``prompt`` is the reasoning arms'; the program arms write with ``pal``'s prompt under the same system message.
 Where the arms' model is not available -- the 1.5B not installed, or a remote engine serving one model -- the arms
@@ -27,6 +29,14 @@ Options:
   profile       the profile to read (a path; default: $PONDER_PROFILE, else the one ``ponder tune`` wrote on this
                 machine, else the shipped one)
   margin, max_branches   override the policy's
+  tiebreak      what breaks a split vote when a run did not settle (the cap or a budget ended it with no answer
+                ahead by the margin) and every answer has one branch, or answers tie for the lead: ``probe`` (the
+                reasoning branch, of the tied answers, that the model's correctness probe rates most likely right,
+                ``ponder.probes``: the reasoning arms then keep their final hidden state, at no cost; needs the
+                in-process engine and a probe for the model), ``logprob`` (the same by mean token log-probability)
+                or ``vote`` (the first answer seen). Otherwise the arm-weighted vote answers. Default: ``probe``
+                where the model has a probe (both bundled models do) and the engine reads hidden states, else
+                ``vote``. ``details["tiebreak"]`` says which answered an unsettled run, with the scores read.
   timeout       seconds a program may run, wall clock and CPU (default 5)
 """
 
@@ -37,15 +47,19 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 
-from ..answers import vote
+from ..answers import Vote, vote
 from ..engine.base import Branch, Engine, PonderError, SamplingParams, Usage
-from .auto_profile import Arm, Policy, Profile, load_profile, with_overrides
+from ..probes import ProbeError, branch_model, kept_score, probe_for
 from ..prompts import DEFAULT_PROMPT, MathPrompt
 from ..result import BranchSummary, Result
 from ..stopping import TokenBudget
+from .auto_profile import Arm, Policy, Profile, load_profile, with_overrides
 from .pal import REPLY_START, Programs, program_params, program_prompt
 from .pool import Pool
 from .registry import Strategy
+
+TIEBREAKS = ("vote", "probe", "logprob")
+SETTLED = ("agreed", "margin")  # the stop reasons at which the vote is not split
 
 
 @dataclass(eq=False)
@@ -62,9 +76,10 @@ class _Arms:
     token budget. An arm's model that the engine cannot open runs on the engine's own model instead."""
 
     def __init__(self, engine: Engine, question: str, stack: AsyncExitStack, *, seed: int | None, budget: TokenBudget,
-                 prompt: MathPrompt, programs: Programs):
+                 prompt: MathPrompt, programs: Programs, tiebreak: str):
         self.engine, self.question, self.stack = engine, question, stack
         self.seed, self.budget, self.prompt, self.programs = seed, budget, prompt, programs
+        self.tiebreak = tiebreak  # None until the first reasoning pool opens: the probe if its model has one
         self.pools: dict[tuple[str | None, str], Pool] = {}
         self.opening: dict[tuple[str | None, str], asyncio.Task] = {}
         self.ran_on: dict[str, str] = {}  # an arm's model -> the model it ran on
@@ -97,6 +112,14 @@ class _Arms:
             self.ran_on.setdefault(model, model)
         if kind == "program":
             await pool.root.append(REPLY_START)
+        elif self.tiebreak in ("probe", None):
+            try:
+                probe_for(branch_model(pool.root))
+                self.tiebreak = "probe"
+            except ProbeError:
+                if self.tiebreak == "probe":  # asked for: say so before decoding
+                    raise
+                self.tiebreak = "vote"  # no probe for this model, or a remote one (no hidden states)
         self.pools[(model, kind)] = pool
         return pool
 
@@ -105,6 +128,9 @@ class _Arms:
         arm = call.arm
         call.pool = await self.pool(arm)
         arm_params = replace(params, temperature=arm.temperature)
+        if arm.kind == "reasoning" and self.tiebreak not in ("vote", None):  # what the tie-break reads, kept
+            arm_params = replace(arm_params, hidden=arm_params.hidden or self.tiebreak == "probe",
+                                 logprobs=arm_params.logprobs or self.tiebreak == "logprob")
         if arm.kind == "program":
             done = await call.pool.sample(program_params(arm_params), first=1, after_decode=self.programs.run)
         else:
@@ -120,9 +146,12 @@ class _Arms:
 async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingParams = SamplingParams(),
               seed: int | None = None, budget: int | None = None, prompt: MathPrompt = DEFAULT_PROMPT,
               effort: str = "medium", budget_s: float | None = None, profile: str | None = None,
-              margin: float | None = None, max_branches: int | None = None, timeout: float = 5.0) -> Result:
+              margin: float | None = None, max_branches: int | None = None, timeout: float = 5.0,
+              tiebreak: str | None = None) -> Result:
     if budget_s is not None and not budget_s > 0:
         raise PonderError(f"budget_s must be more than 0 seconds, got {budget_s}")
+    if tiebreak is not None and tiebreak not in TIEBREAKS:
+        raise PonderError(f"tiebreak must be one of {', '.join(TIEBREAKS)}, got {tiebreak!r}")
     chosen: Profile = load_profile(profile)
     policy: Policy = with_overrides(chosen.policy(effort), margin=margin, max_branches=max_branches)
     policy.check(f"profile {chosen.source}", list(chosen.arms))
@@ -135,7 +164,8 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
     every: list[tuple[Arm, Branch]] = []  # every branch started, for the result
     stopped, waves = None, 0
     async with AsyncExitStack() as stack:
-        arms = _Arms(engine, question, stack, seed=seed, budget=tokens, prompt=prompt, programs=programs)
+        arms = _Arms(engine, question, stack, seed=seed, budget=tokens, prompt=prompt, programs=programs,
+                     tiebreak=tiebreak)
         for wave in policy.waves():
             if tokens.room() == 0:
                 stopped = "token budget"
@@ -158,6 +188,9 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
         # What the run's options left open, as the profile filled it in.
         config = {"profile": chosen.source, "margin": policy.margin, "max_branches": policy.max_branches}
         result = Result.from_vote(ballot, summaries, usage, engine.model, "auto", config)
+        broken = _tiebreak(arms.tiebreak or "vote", voters, ballot) if stopped not in SETTLED else None
+        if broken is not None and broken[0] is not None:
+            result.answer = broken[0]
         per_arm: dict[str, dict] = {}
         for (arm, _), answer in zip(voters, answers):
             per_arm.setdefault(arm.name, {"branches": 0, "answers": []})["answers"].append(answer)
@@ -167,6 +200,9 @@ async def run(engine: Engine, question: str, *, n: int = 8, params: SamplingPara
                           "profile": {"file": chosen.source, "name": chosen.name},
                           "models": {arm.name: arms.ran_on.get(arm.model, arm.model or engine.model.name)
                                      for arm in chosen.arms.values() if arm.name in per_arm}}
+        if stopped not in SETTLED:  # who answered the split vote, and what the tie-break read
+            result.details["tiebreak"] = {"by": arms.tiebreak if broken and broken[0] is not None else "vote",
+                                          **({"scores": broken[1]} if broken is not None else {})}
         if arms.notes:
             result.details["note"] = "; ".join(arms.notes)
         return result
@@ -218,6 +254,39 @@ def _stop_reason(policy: Policy, arms: _Arms, voters: list[tuple[Arm, Branch]]) 
     return policy.stop_reason(list(ballot.groups.values()), opened=True, opening_agrees=agrees)
 
 
+def _tiebreak(by: str, voters: list[tuple[Arm, Branch]], ballot: Vote) -> tuple[str | None, list[dict]] | None:
+    """``break_tie`` of the split vote ``ballot`` by ``by``'s scores of the reasoning ``voters``: (its answer or None,
+    every reasoning voter's score); None for ``vote``."""
+    if by == "vote":
+        return None
+    scores = {}
+    for i, (arm, branch) in enumerate(voters):
+        score = kept_score(branch) if by == "probe" else branch.mean_logprob
+        if arm.kind == "reasoning" and score is not None:
+            scores[i] = float(score)
+    group = {i: rep for rep, members in ballot.members.items() for i in members}
+    shown = [{"arm": voters[i][0].name, "answer": group.get(i), "score": round(s, 4)} for i, s in scores.items()]
+    return break_tie(ballot, scores), shown
+
+
+def break_tie(ballot: Vote, scores: dict[int, float]) -> str | None:
+    """The answer that the scored voters (by index into the ballot) pick where the vote cannot: when every answer has
+    one voter, the best-scored voter's; when answers tie for the lead, the best-scored voter's among those answers
+    (of equal scores, the first voter's). None where one answer leads, or no candidate has a score: the vote stands.
+    Agreement between branches is the strongest signal measured here, so a score only decides what it cannot."""
+    lead = max(ballot.groups.values(), default=0.0)
+    tied = {rep for rep, weight in ballot.groups.items() if weight >= lead - 1e-9}
+    split = all(len(members) == 1 for members in ballot.members.values())
+    if not split and len(tied) < 2:
+        return None
+    group = {i: rep for rep, members in ballot.members.items() for i in members}
+    best = None
+    for i in sorted(scores):
+        if i in group and (split or group[i] in tied) and (best is None or scores[i] > scores[best]):
+            best = i
+    return None if best is None else group[best]
+
+
 def _attributed(calls: list[_Call], already: list[tuple[Arm, Branch]]) -> list[tuple[Arm, Branch]]:
     """The branches a wave started, each with its arm, in the wave's order: a finished branch is its call's; one cut
     short (cancelled, halted) goes to a call of its pool that got none."""
@@ -261,4 +330,5 @@ def preferred_model(options: dict) -> str | None:
 
 
 STRATEGY = Strategy("auto", run, "the default: greedy program + greedy reasoning, more branches only while they "
-                    "disagree (a profile tuned per machine by ponder tune)", "program", preferred_model=preferred_model)
+                    "disagree (a profile tuned per machine by ponder tune); the hidden-state probe breaks a tied vote",
+                    "program", preferred_model=preferred_model)

@@ -9,22 +9,37 @@ from benchmarks.analysis import auto_probe, auto_stats, step_probe
 from ponder.engine.fake import FakeEngine
 
 
-def branch(answer, correct, kind="reasoning", logprob=-0.1):
+def branch(answer, correct, kind="reasoning", logprob=-0.1, arm=None):
     return {"answer": answer, "correct": correct, "mean_logprob": logprob, "finish_reason": "stop",
-            "details": {"arm": f"{kind}-x", "kind": kind}}
+            "details": {"arm": arm or f"{kind}-sampled", "kind": kind}}
+
+
+WEIGHTS = {"program-sampled": 1.25, "reasoning-sampled": 1.0}
 
 
 def test_each_rule_answers_an_unsettled_problem_its_own_way():
-    record = {"correct": False, "branches": [
+    split = {"branches": [
         branch("5", False, logprob=-0.05),        # 0: the greedy reasoning, likeliest
         branch("8", False, kind="program"),       # 1
         branch("7", True, logprob=-0.3),          # 2: the probe's pick
-        branch("9", False, kind="program"),       # 3
+        branch(None, False, kind="program"),      # 3: a failed program, no vote
     ]}
-    got = auto_probe.decide(record, {0: 0.2, 2: 0.9})
-    assert got == {"vote": False, "probe": True, "probe-vote": False, "logprob": False, "greedy": False,
-                   "any right": True}  # probe-vote: 7 has 0.9 against the programs' 1.25 each
-    assert auto_probe.decide(record, {0: 0.2, 2: 0.1})["probe"] is False
+    got = auto_probe.decide(split, {0: 0.2, 2: 0.9}, WEIGHTS)
+    assert got == {"vote": False, "probe tie-break": True, "probe pick": True, "logprob tie-break": False,
+                   "greedy": False, "any right": True}  # every answer has one branch: the scores decide
+    led = {"branches": split["branches"][:3] + [branch("8", False, kind="program")]}  # 8 leads: the vote stands
+    got = auto_probe.decide(led, {0: 0.2, 2: 0.9}, WEIGHTS)
+    assert got["vote"] is False and got["probe tie-break"] is False and got["probe pick"] is True
+
+
+def test_scores_a_live_run_kept_are_matched_to_its_branches_arm_by_arm():
+    record = {"details": {"tiebreak": {"by": "vote", "scores": [
+        {"arm": "reasoning-greedy", "answer": "5", "score": 0.2},
+        {"arm": "reasoning-sampled", "answer": "7", "score": 0.9}]}},
+        "branches": [branch("5", False, arm="reasoning-greedy"), branch("8", False, kind="program"),
+                     branch("7", True), branch("6", False, kind="program")]}
+    assert auto_probe.kept_scores(record) == {0: 0.2, 2: 0.9}
+    assert auto_probe.kept_scores({"details": {"stopped": "max branches"}}) is None
 
 
 def test_the_vote_of_a_tiebroken_run_is_read_from_its_votes():

@@ -558,6 +558,27 @@ def test_hidden_states_are_a_typed_unsupported_error(scripted):
     engine.close()
 
 
+def test_auto_over_a_remote_engine_breaks_ties_by_the_vote_and_refuses_the_probe(scripted, tmp_path):
+    from kind_engine import make_profile
+    from ponder.probes import ProbeError
+    from ponder.strategies import STRATEGIES
+
+    _, served = scripted()
+    engine = OpenAIEngine([served.url], None)
+    profile = str(make_profile().save(tmp_path / "profile.json"))
+
+    def auto(**options):
+        return asyncio.run(STRATEGIES["auto"](engine, "What is 2 + 2?", params=SamplingParams(max_tokens=8), seed=0,
+                                              profile=profile, max_branches=2, **options))
+
+    result = auto()  # the reply holds no program: the pair cannot agree, and the cap ends the run unsettled
+    assert result.answer == "4" and result.details["stopped"] == "max branches"
+    assert result.details["tiebreak"] == {"by": "vote"}  # no hidden states here: the vote answers
+    with pytest.raises(ProbeError, match="no known sha256"):
+        auto(tiebreak="probe")
+    engine.close()
+
+
 def test_a_stream_lost_mid_way_resumes_on_the_other_server(scripted):
     (first, one), (second, two) = scripted(), scripted()
     engine = OpenAIEngine([one.url, two.url])

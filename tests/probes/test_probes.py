@@ -17,23 +17,15 @@ from ponder.probes import Probe, ProbeError, kept_score, probe_score
 from ponder.search.scorers import get_scorer
 from ponder.strategies import STRATEGIES
 
-FAKE_SHA = "0" * 64
+from seven_probe import FAKE_SHA, install_seven_probe, knows_seven
+
 RIGHT, WRONG = "so \\boxed{7}", "so \\boxed{8}"
-
-
-def knows_seven(context: str) -> list[float]:
-    """A fake hidden state whose first number says whether the text answers 7."""
-    return [1.0 if "boxed{7}" in context else 0.0] + [0.0] * (HIDDEN_SIZE - 1)
 
 
 @pytest.fixture
 def probe_dir(tmp_path, monkeypatch):
     """A probe for the fake model that trusts answers of 7, found through $PONDER_PROBES."""
-    weights = np.zeros(HIDDEN_SIZE)
-    weights[0] = 5.0
-    Probe("fake", FAKE_SHA, weights, -2.5).save(tmp_path)
-    monkeypatch.setenv("PONDER_PROBES", str(tmp_path))
-    return tmp_path
+    return install_seven_probe(tmp_path, monkeypatch)
 
 
 def run(coro):

@@ -14,6 +14,7 @@ import pytest
 from ponder import models, options
 from ponder.cli import build_parser, main
 from ponder.engine.base import PonderError, SamplingParams
+from ponder.probes import ProbeError
 from ponder.strategies import auto_profile as profiles
 from ponder.strategies.auto_profile import SHIPPED, Arm, Policy, Profile, load_profile
 from ponder.server.config import ServerConfig
@@ -22,6 +23,7 @@ from ponder.server.strategy_call import plan_call
 from ponder.strategies import STRATEGIES
 
 from kind_engine import KindEngine, make_profile, program
+from seven_probe import install_seven_probe, knows_seven
 
 
 @pytest.fixture
@@ -72,6 +74,79 @@ def test_a_failed_program_is_no_vote(profile_file):
     engine = KindEngine([program("print(1 / 0)\n")], ["\\boxed{42}"])
     result = run(engine, profile_file())
     assert len(result.branches) > 2 and result.answer == "42"
+
+
+@pytest.fixture
+def seven_probe(tmp_path, monkeypatch):
+    install_seven_probe(tmp_path, monkeypatch)
+
+
+def split_engine() -> KindEngine:
+    """Four branches, four answers: the greedy pair 5 and 8, then 7 (reasoning) and 9 (program)."""
+    return KindEngine([program("print(8)\n"), program("print(9)\n")], ["\\boxed{5}", "\\boxed{7}"],
+                      hidden_fn=knows_seven)
+
+
+def test_an_unsettled_run_is_answered_by_the_probes_pick_of_the_reasoning_branches(profile_file, seven_probe):
+    path = profile_file(max_branches=4)
+    voted = run(split_engine(), path, tiebreak="vote")
+    assert voted.details["stopped"] == "max branches" and voted.answer == "5"  # a four-way tie: the first answer
+    assert voted.details["tiebreak"] == {"by": "vote"}
+    probed = run(split_engine(), path)  # the default where the model has a probe
+    assert probed.answer == "7" and probed.votes == voted.votes  # the vote is reported as it was
+    assert probed.details["tiebreak"]["by"] == "probe"
+    scores = probed.details["tiebreak"]["scores"]
+    assert [s["answer"] for s in scores] == ["5", "7"] and scores[1]["score"] > 0.9 > 0.1 > scores[0]["score"]
+    assert probed.usage.scored_tokens == 0  # the hidden states were kept as the branches decoded
+
+
+def test_the_probe_does_not_overrule_a_leader_without_the_margin(profile_file, seven_probe):
+    engine = KindEngine([program("print(8)\n")], ["\\boxed{5}", "\\boxed{7}"], hidden_fn=knows_seven)
+    result = run(engine, profile_file(max_branches=4))  # 8 twice (the programs), 5 and 7 once: 8 leads by 1 < 2
+    assert result.details["stopped"] == "max branches" and result.answer == "8"
+    assert result.details["tiebreak"]["by"] == "vote" and len(result.details["tiebreak"]["scores"]) == 2
+
+
+def test_break_tie_decides_only_a_full_split_or_a_tie_for_the_lead():
+    from ponder.answers import vote
+    from ponder.strategies.auto import break_tie
+
+    scores = {0: 0.3, 2: 0.8}  # voters 0 and 2 are scored (reasoning), the others not (programs)
+    assert break_tie(vote(["5", "8", "7"]), scores) == "7"  # a full split
+    assert break_tie(vote(["5", "8", "7", "5"]), scores) is None  # 5 leads
+    assert break_tie(vote(["5", "8", "7", "7", "5"]), scores) == "7"  # 5 and 7 tie; 8 is out of it
+    assert break_tie(vote(["5", "8", "7", "8", "5"]), scores) == "5"  # the best scored voter of a tied answer
+    assert break_tie(vote(["5", "8", "7", "8", "5"], [1, 1, 1, 1, 1.5]), scores) is None  # weights break the tie
+    assert break_tie(vote(["5", "8", "8", "5"]), {1: 0.9}) == "8"
+    assert break_tie(vote(["5", "8"]), {}) is None  # nothing scored: the vote stands
+    assert break_tie(vote(["5", "8", "7"]), {0: 0.5, 2: 0.5}) == "5"  # equal scores: the first voter
+
+
+def test_a_settled_run_ignores_the_tiebreak(profile_file, seven_probe):
+    engine = KindEngine([program("print(6 * 7)\n")], ["6 times 7 is \\boxed{42}"], hidden_fn=knows_seven)
+    result = run(engine, profile_file(), tiebreak="probe")
+    assert result.answer == "42" and result.details["stopped"] == "agreed" and "tiebreak" not in result.details
+
+
+def test_the_logprob_tiebreak_picks_the_likeliest_reasoning_branch(profile_file):
+    result = run(split_engine(), profile_file(max_branches=4), tiebreak="logprob")
+    reasoning = [b for b in result.branches if b.details["kind"] == "reasoning"]
+    assert result.answer == max(reasoning, key=lambda b: b.mean_logprob).answer
+    assert len(result.details["tiebreak"]["scores"]) == 2
+
+
+def test_without_a_probe_the_default_tiebreak_is_the_vote(profile_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PONDER_PROBES", str(tmp_path))  # no probe for the fake model there
+    result = run(split_engine(), profile_file(max_branches=4))
+    assert result.answer == "5" and result.details["tiebreak"] == {"by": "vote"}
+
+
+def test_a_probe_tiebreak_without_a_probe_or_with_a_bad_name_is_one_line(profile_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PONDER_PROBES", str(tmp_path))
+    with pytest.raises(ProbeError, match="no correctness probe for fake"):
+        run(split_engine(), profile_file(), tiebreak="probe")
+    with pytest.raises(PonderError, match="tiebreak must be one of vote, probe, logprob, got 'best'"):
+        run(split_engine(), profile_file(), tiebreak="best")
 
 
 def test_the_low_effort_answers_from_the_opening_and_high_goes_further(profile_file):
