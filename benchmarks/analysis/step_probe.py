@@ -72,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a search's results file of ponder bench (trees kept)")
     parser.add_argument("--problems", type=int, help="the first this many problems (default all)")
+    parser.add_argument("--max-minutes", type=float, help="stop reading after this long and report on the trees read")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="hidden states read so far")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -91,6 +92,8 @@ def main() -> None:
         start, fed = time.perf_counter(), engine.stats().prefill_tokens
         try:
             for i, record in enumerate(todo, 1):
+                if args.max_minutes and time.perf_counter() - start > args.max_minutes * 60:
+                    break
                 nodes = record["details"]["tree"]["nodes"]
                 vectors = asyncio.run(read_tree(engine, math_chat(questions[record["id"]], prompt), nodes))
                 cache.vectors.update({key(record, {"id": nid}): v for nid, v in vectors.items()})
@@ -101,6 +104,8 @@ def main() -> None:
                       flush=True)
         finally:
             engine.close()
+    records = [r for r in records if all(key(r, n) in cache.vectors  # the trees read so far
+                                         for n in r["details"]["tree"]["nodes"] if n["parent"] is not None)]
     probe = probe_for(ModelInfo(model["name"], model["path"], sha256=model["sha256"]))
     steps, finals = {"probe": [], "recorded": [], "right": []}, {"probe": [], "recorded": [], "right": []}
     for record in records:
