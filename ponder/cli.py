@@ -41,7 +41,9 @@ def _vote_split(result: Result) -> str:
 def summary_line(result: Result) -> str:
     u = result.usage
     rate = u.generated_tokens / u.wall_s if u.wall_s else 0.0
-    return (f"{result.strategy} · {len(result.branches)} branches · votes: {_vote_split(result)} · "
+    broken = (result.details or {}).get("tiebreak", {}).get("by", "vote")
+    tie = f" · tie broken by the {broken}" if broken != "vote" else ""  # the answer is not the vote's first
+    return (f"{result.strategy} · {len(result.branches)} branches · votes: {_vote_split(result)}{tie} · "
             f"{u.generated_tokens} tokens · {rate:.0f} tok/s · {u.wall_s:.1f} s")
 
 

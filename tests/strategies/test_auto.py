@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from ponder import models, options
-from ponder.cli import build_parser, main
+from ponder.cli import build_parser, main, summary_line
 from ponder.engine.base import PonderError, SamplingParams
 from ponder.probes import ProbeError
 from ponder.strategies import auto_profile as profiles
@@ -98,6 +98,8 @@ def test_an_unsettled_run_is_answered_by_the_probes_pick_of_the_reasoning_branch
     scores = probed.details["tiebreak"]["scores"]
     assert [s["answer"] for s in scores] == ["5", "7"] and scores[1]["score"] > 0.9 > 0.1 > scores[0]["score"]
     assert probed.usage.scored_tokens == 0  # the hidden states were kept as the branches decoded
+    assert "votes: 5 ×1, 8 ×1, 7 ×1, 9 ×1 · tie broken by the probe · " in summary_line(probed)
+    assert "tie broken" not in summary_line(voted)
 
 
 def test_the_probe_does_not_overrule_a_leader_without_the_margin(profile_file, seven_probe):
