@@ -11,8 +11,8 @@ solutions get the same two AUROCs.
     python -m benchmarks.analysis.step_probe benchmarks/results/math100/beam4-logprob.jsonl \\
         --out benchmarks/results/probe/step-auroc-math500-0.5b.json
 
-The vectors are cached beside ``ponder probe train``'s (``benchmarks/results/probe/hidden``), so a rerun reads
-nothing again. The probe must not have been trained on these problems.
+The vectors are cached (``benchmarks/results/probe/hidden-steps``, outside git: some 14 MB for 100 trees of the
+0.5B), so a rerun reads nothing again. The probe must not have been trained on these problems.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from ponder.bench.runner import read_results, run_prompt
 from ponder.engine.base import ModelInfo
 from ponder.models import load_engine
 from ponder.probes import probe_for
-from ponder.probes.train import DEFAULT_CACHE, HiddenCache
+from ponder.probes.train import HiddenCache
 from ponder.strategies.registry import math_chat
+
+STEP_CACHE = Path("benchmarks/results/probe/hidden-steps")
 
 
 async def read_tree(engine, chat, nodes: list[dict]) -> dict[int, np.ndarray]:
@@ -73,7 +75,8 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="a search's results file of ponder bench (trees kept)")
     parser.add_argument("--problems", type=int, help="the first this many problems (default all)")
     parser.add_argument("--max-minutes", type=float, help="stop reading after this long and report on the trees read")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="hidden states read so far")
+    parser.add_argument("--cache", type=Path, default=STEP_CACHE, help=f"hidden states read so far (default "
+                                                                     f"{STEP_CACHE}, not kept in git: 14 MB a run)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
