@@ -29,11 +29,11 @@ no probe score: it was trained on reasoning branches.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from benchmarks.analysis.traces import write_report
 from ponder.answers import vote
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import read_results, run_prompt
@@ -174,9 +174,7 @@ def main() -> None:
         print(f"| {stopped} | {counts['problems']} | " + " | ".join(str(counts[r]) for r in RULES) + " |")
     print(f"where the reasoning branches hold right and wrong answers ({len(mixed)} problems), the best branch was "
           f"right: by the probe {picks['probe']}, by the logprob {picks['logprob']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(table, indent=1) + "\n")
+    write_report(args.out, table)
 
 
 if __name__ == "__main__":

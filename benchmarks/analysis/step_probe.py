@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.analysis.search_stats import outcomes
-from benchmarks.analysis.traces import auroc
+from benchmarks.analysis.traces import auroc, write_report
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import read_results, run_prompt
 from ponder.engine.base import ModelInfo
@@ -133,9 +132,7 @@ def main() -> None:
         t = table[name]
         print(f"{name}: {t['n']} ({t['right']} right): AUROC probe {t['auroc_probe']:.3f}, "
               f"recorded {scorer} {t['auroc_recorded']:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(table, indent=1) + "\n")
+    write_report(args.out, table)
 
 
 if __name__ == "__main__":

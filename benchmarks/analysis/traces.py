@@ -44,6 +44,13 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
     return float(above / (len(right) * len(wrong)))
 
 
+def write_report(path: Path | None, table: dict) -> None:
+    """Write an analysis's figures as JSON to ``path`` (None: nowhere), making its folder."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def summaries_main(argv: list[str] | None, *, prog: str, doc: str, what: str, summarize, show) -> int:
     """The command line the per-file analyses share (``search_stats.py``, ``specreason_stats.py``): results files in,
     ``summarize(path)`` of each, printed by ``show`` or as JSON."""
