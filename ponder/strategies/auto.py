@@ -76,7 +76,7 @@ class _Arms:
     token budget. An arm's model that the engine cannot open runs on the engine's own model instead."""
 
     def __init__(self, engine: Engine, question: str, stack: AsyncExitStack, *, seed: int | None, budget: TokenBudget,
-                 prompt: MathPrompt, programs: Programs, tiebreak: str):
+                 prompt: MathPrompt, programs: Programs, tiebreak: str | None):
         self.engine, self.question, self.stack = engine, question, stack
         self.seed, self.budget, self.prompt, self.programs = seed, budget, prompt, programs
         self.tiebreak = tiebreak  # None until the first reasoning pool opens: the probe if its model has one
