@@ -87,7 +87,7 @@ def split_engine() -> KindEngine:
                       hidden_fn=knows_seven)
 
 
-def test_an_unsettled_run_is_answered_by_the_probes_pick_of_the_reasoning_branches(profile_file, seven_probe):
+def test_a_full_split_at_the_cap_is_answered_by_the_probes_pick_of_the_reasoning_branches(profile_file, seven_probe):
     path = profile_file(max_branches=4)
     voted = run(split_engine(), path, tiebreak="vote")
     assert voted.details["stopped"] == "max branches" and voted.answer == "5"  # a four-way tie: the first answer
