@@ -48,19 +48,15 @@ RULES = ("vote", "probe tie-break", "probe pick", "logprob tie-break", "greedy",
 
 
 def branch_kind(branch: dict) -> str:
-    details = branch.get("details") or {}
-    if isinstance(details, dict):
-        return details.get("kind", "reasoning")
-    return "program" if "'kind': 'program'" in details else "reasoning"  # older files kept details as text
+    return branch["details"]["kind"]  # auto's branches say their arm and kind
 
 
-def branch_arm(branch: dict) -> str | None:
-    details = branch.get("details") or {}
-    return details.get("arm") if isinstance(details, dict) else None
+def branch_arm(branch: dict) -> str:
+    return branch["details"]["arm"]
 
 
 def unsettled(records: list[dict]) -> list[dict]:
-    return [r for r in records if isinstance(r.get("details"), dict) and r["details"].get("stopped") not in SETTLED]
+    return [r for r in records if r["details"]["stopped"] not in SETTLED]
 
 
 def voters_of(record: dict) -> list[tuple[int, dict]]:
@@ -68,10 +64,12 @@ def voters_of(record: dict) -> list[tuple[int, dict]]:
     return [(i, b) for i, b in enumerate(record["branches"]) if b.get("answer") is not None]
 
 
-def kept_scores(record: dict) -> dict[int, float] | None:
-    """The probe scores the live run recorded, by branch index (each arm's scores in its branches' order), or None."""
+def kept_scores(record: dict, tiebreak: str) -> dict[int, float] | None:
+    """The probe scores the live run recorded, by branch index (each arm's scores in its branches' order), or None.
+    ``tiebreak`` is the run's option: its scores are the probe's only under ``probe`` (the default, which records
+    none where it fell back to the vote)."""
     listed = record["details"].get("tiebreak", {})
-    if listed.get("by") not in ("probe", "vote") or "scores" not in listed:
+    if tiebreak != "probe" or "scores" not in listed:
         return None
     queue: dict[str, list[float]] = defaultdict(list)
     for entry in listed["scores"]:
@@ -96,6 +94,19 @@ def samples_of(header: dict, records: list[dict]) -> list[Sample]:
     return out
 
 
+def best_is_right(branches: list[tuple[int, dict]], score) -> bool:
+    """Whether the branch of (index, branch) pairs that ``score`` rates highest (the first of equals) is right."""
+    return bool(branches) and max(branches, key=score)[1]["correct"]
+
+
+def probe_of(scores: dict[int, float]):
+    return lambda ib: scores.get(ib[0], -math.inf)
+
+
+def logprob_of(ib: tuple[int, dict]) -> float:
+    return ib[1].get("mean_logprob") or -math.inf
+
+
 def decide(record: dict, scores: dict[int, float], weights: dict[str, float]) -> dict[str, bool]:
     """Whether each rule answers ``record`` right; ``scores`` are the probe's, by branch index; ``weights`` each arm's
     vote weight."""
@@ -114,7 +125,7 @@ def decide(record: dict, scores: dict[int, float], weights: dict[str, float]) ->
     logprobs = {i: b["mean_logprob"] for i, b in reasoning if b.get("mean_logprob") is not None}
     return {"vote": right(ballot.winner),
             "probe tie-break": tie_broken(scores),
-            "probe pick": bool(reasoning) and max(reasoning, key=lambda ib: scores.get(ib[0], -math.inf))[1]["correct"],
+            "probe pick": best_is_right(reasoning, probe_of(scores)),
             "logprob tie-break": tie_broken(logprobs),
             "greedy": bool(reasoning) and reasoning[0][1]["correct"],
             "any right": any(b["correct"] for _, b in voted)}
@@ -122,7 +133,8 @@ def decide(record: dict, scores: dict[int, float], weights: dict[str, float]) ->
 
 def probe_scores(header: dict, records: list[dict], cache_dir: Path) -> dict[str, dict[int, float]]:
     """Each record's probe scores by branch index: recorded by the run, else read from the hidden states."""
-    scores = {r["id"]: kept_scores(r) for r in records}
+    tiebreak = header["config"].get("options", {}).get("tiebreak", "probe")
+    scores = {r["id"]: kept_scores(r, tiebreak) for r in records}
     to_read = [r for r in records if scores[r["id"]] is None]
     if to_read:
         model = header["model"]
@@ -148,6 +160,8 @@ def main() -> None:
     args = parser.parse_args()
 
     header, records = read_results(args.results)
+    if header["strategy"] != "auto":
+        raise SystemExit(f"{args.results} is a run of {header['strategy']}, not of auto")
     records = [r for r in records if "branches" in r][args.skip:][:args.first]
     chosen = unsettled(records)
     scores = probe_scores(header, chosen, args.cache)
@@ -162,8 +176,8 @@ def main() -> None:
     picks = {"probe": 0, "logprob": 0}
     for r in mixed:
         reasoning = [(i, b) for i, b in voters_of(r) if branch_kind(b) == "reasoning"]
-        picks["probe"] += max(reasoning, key=lambda ib: scores[r["id"]].get(ib[0], -math.inf))[1]["correct"]
-        picks["logprob"] += max(reasoning, key=lambda ib: ib[1].get("mean_logprob") or -math.inf)[1]["correct"]
+        picks["probe"] += best_is_right(reasoning, probe_of(scores[r["id"]]))
+        picks["logprob"] += best_is_right(reasoning, logprob_of)
     table = {"results": str(args.results), "problems": len(records), "skipped": args.skip, "unsettled": len(chosen),
              "by_stop": {k: dict(v) for k, v in by_class.items()},
              "pick_where_reasoning_right_and_wrong": {"problems": len(mixed), **picks}}

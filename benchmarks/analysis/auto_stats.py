@@ -18,6 +18,7 @@ import argparse
 import statistics
 from collections import Counter, defaultdict
 
+from ponder.answers import Vote
 from ponder.bench.metrics import wilson_interval
 from ponder.bench.runner import read_results
 
@@ -25,11 +26,8 @@ from ponder.bench.runner import read_results
 def vote_was_right(record: dict) -> bool:
     """Whether the run's vote (``votes``: each answer's arm-weighted total; ties to the first) was right, whatever
     answered (a tie-break may have)."""
-    votes = record["votes"]
-    if not votes:
-        return False
-    winner = max(votes, key=votes.__getitem__)
-    return any(c["correct"] for c in record["answer_classes"] if c["answer"] == winner)
+    winner = Vote(groups=dict(record["votes"])).winner
+    return winner is not None and any(c["correct"] for c in record["answer_classes"] if c["answer"] == winner)
 
 
 def main(path: str, sc: str | None = None) -> None:

@@ -29,16 +29,17 @@ from ponder.bench.runner import read_results
 from benchmarks.analysis.traces import auroc, summaries_main
 
 
-def outcomes(problem: dict) -> tuple[dict[int, bool], dict[int, list[bool]]]:
-    """Whether each finished node's answer is right, and the right/wrong of the finished solutions in each node's
-    subtree (itself included), by node id."""
+def labelled_nodes(problem: dict) -> tuple[list[tuple[dict, bool]], list[tuple[dict, bool]], bool]:
+    """(node, right) of every finished solution with a value, (node, on a right path) of every scored step with a
+    finished solution below it (itself included), and whether any finished solution was right."""
     nodes = problem["details"]["tree"]["nodes"]
     gold = normalize(problem["gold"])
     children: dict[int | None, list[dict]] = {}
     for node in nodes:
         children.setdefault(node["parent"], []).append(node)
     right = {node["id"]: equivalent(node["answer"], gold) for node in nodes if node["status"] == "finished"}
-    below: dict[int, list[bool]] = {}
+
+    below: dict[int, list[bool]] = {}  # the right/wrong of the finished solutions in each node's subtree
 
     def collect(node: dict) -> list[bool]:
         found = [right[node["id"]]] if node["id"] in right else []
@@ -49,19 +50,16 @@ def outcomes(problem: dict) -> tuple[dict[int, bool], dict[int, list[bool]]]:
 
     for root in children.get(None, []):
         collect(root)
-    return right, below
+    finals = [(node, right[node["id"]]) for node in nodes if node["id"] in right and node["value"] is not None]
+    steps = [(node, any(below[node["id"]])) for node in nodes if node["score"] is not None and below.get(node["id"])]
+    return finals, steps, any(right.values())
 
 
 def problem_labels(problem: dict) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]], bool]:
     """(value, right) of every finished solution, (score, on a right path) of every scored step, and whether any
     finished solution was right."""
-    nodes = problem["details"]["tree"]["nodes"]
-    right, below = outcomes(problem)
-    finals = [(node["value"], right[node["id"]]) for node in nodes
-              if node["id"] in right and node["value"] is not None]
-    steps = [(node["score"], any(below[node["id"]])) for node in nodes
-             if node["score"] is not None and below.get(node["id"])]
-    return finals, steps, any(right.values())
+    finals, steps, any_right = labelled_nodes(problem)
+    return ([(node["value"], ok) for node, ok in finals], [(node["score"], ok) for node, ok in steps], any_right)
 
 
 def vote_picks(problem: dict) -> tuple[bool, bool]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.analysis.search_stats import outcomes
+from benchmarks.analysis.search_stats import labelled_nodes
 from benchmarks.analysis.traces import auroc, write_report
 from ponder.bench.datasets import load_dataset
 from ponder.bench.runner import read_results, run_prompt
@@ -81,6 +81,8 @@ def main() -> None:
 
     header, records = read_results(args.results)
     records = [r for r in records if "details" in r and "tree" in r["details"]][:args.problems]
+    if not records:
+        raise SystemExit(f"{args.results} keeps no search trees: give a run of beam, dvts, particles or astar")
     model = header["model"]
     questions = {p.id: p.question for p in load_dataset(header["dataset"]["source"]).problems}
     prompt = run_prompt(header)
@@ -109,29 +111,22 @@ def main() -> None:
     records = [r for r in records if all(key(r, n) in cache.vectors  # the trees read so far
                                          for n in r["details"]["tree"]["nodes"] if n["parent"] is not None)]
     probe = probe_for(ModelInfo(model["name"], model["path"], sha256=model["sha256"]))
-    steps, finals = {"probe": [], "recorded": [], "right": []}, {"probe": [], "recorded": [], "right": []}
+    labelled = {"finished": [], "steps": []}  # (probe score, recorded score, right), as search_stats labels them
     for record in records:
-        right, below = outcomes(record)
-        for node in record["details"]["tree"]["nodes"]:
-            if node["parent"] is None:
-                continue
-            p = float(probe.score(cache.vectors[key(record, node)]))
-            if node["score"] is not None and below.get(node["id"]):
-                steps["probe"].append(p), steps["recorded"].append(node["score"])
-                steps["right"].append(any(below[node["id"]]))
-            if node["id"] in right and node["value"] is not None:
-                finals["probe"].append(p), finals["recorded"].append(node["value"])
-                finals["right"].append(right[node["id"]])
+        finals, steps, _ = labelled_nodes(record)
+        for name, nodes, recorded in (("finished", finals, "value"), ("steps", steps, "score")):
+            labelled[name] += [(float(probe.score(cache.vectors[key(record, node)])), node[recorded], ok)
+                               for node, ok in nodes]
     scorer = header["config"]["options"].get("scorer", "?")
     table = {"results": str(args.results), "problems": len(records), "recorded_scorer": scorer,
              "probe": probe.trained.get("command", "")}
-    for name, group in (("steps", steps), ("finished", finals)):
-        table[name] = {"n": len(group["right"]), "right": int(sum(group["right"])),
-                       "auroc_probe": auroc(group["probe"], group["right"]),
-                       "auroc_recorded": auroc(group["recorded"], group["right"])}
-        t = table[name]
-        print(f"{name}: {t['n']} ({t['right']} right): AUROC probe {t['auroc_probe']:.3f}, "
-              f"recorded {scorer} {t['auroc_recorded']:.3f}")
+    for name in ("steps", "finished"):
+        probed, recorded, right = zip(*labelled[name]) if labelled[name] else ((), (), ())
+        t = table[name] = {"n": len(right), "right": int(sum(right)), "auroc_probe": auroc(probed, right),
+                           "auroc_recorded": auroc(recorded, right)}
+        shown = {k: "n/a" if t[k] is None else f"{t[k]:.3f}" for k in ("auroc_probe", "auroc_recorded")}
+        print(f"{name}: {t['n']} ({t['right']} right): AUROC probe {shown['auroc_probe']}, "
+              f"recorded {scorer} {shown['auroc_recorded']}")
     write_report(args.out, table)
 
 

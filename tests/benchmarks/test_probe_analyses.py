@@ -38,8 +38,9 @@ def test_scores_a_live_run_kept_are_matched_to_its_branches_arm_by_arm():
         {"arm": "reasoning-sampled", "answer": "7", "score": 0.9}]}},
         "branches": [branch("5", False, arm="reasoning-greedy"), branch("8", False, kind="program"),
                      branch("7", True), branch("6", False, kind="program")]}
-    assert auto_probe.kept_scores(record) == {0: 0.2, 2: 0.9}
-    assert auto_probe.kept_scores({"details": {"stopped": "max branches"}}) is None
+    assert auto_probe.kept_scores(record, "probe") == {0: 0.2, 2: 0.9}
+    assert auto_probe.kept_scores(record, "logprob") is None  # those scores are log-probabilities
+    assert auto_probe.kept_scores({"details": {"stopped": "max branches"}}, "probe") is None
 
 
 def test_the_vote_of_a_tiebroken_run_is_read_from_its_votes():
