@@ -104,7 +104,8 @@ def probe_of(scores: dict[int, float]):
 
 
 def logprob_of(ib: tuple[int, dict]) -> float:
-    return ib[1].get("mean_logprob") or -math.inf
+    value = ib[1].get("mean_logprob")
+    return -math.inf if value is None else value  # 0.0 is a real value: every token certain
 
 
 def decide(record: dict, scores: dict[int, float], weights: dict[str, float]) -> dict[str, bool]:

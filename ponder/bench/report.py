@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..engine.base import PonderError
+from ..engine.base import PonderError, SamplingParams
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from .metrics import RunMetrics, summarize
 from .runner import read_results, run_prompt
@@ -117,8 +117,13 @@ def _label(runs: list[Run]) -> None:
 
 def _settings(run: Run) -> dict:
     config = run.header["config"]
-    return {"model": run.header["model"]["name"], "seed": config["seed"], **config["params"],
+    return {"model": run.header["model"]["name"], "seed": config["seed"], **_PARAM_DEFAULTS, **config["params"],
             **_option_defaults(run.header["strategy"]), **config["options"]}
+
+
+# Sampling fields a results file predates read as their defaults (as the file would have recorded them), so that an
+# older run is not labelled by a field it could not set.
+_PARAM_DEFAULTS = json.loads(json.dumps(asdict(SamplingParams())))
 
 
 def _option_defaults(strategy: str) -> dict:

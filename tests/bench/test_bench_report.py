@@ -222,6 +222,16 @@ def test_labels_show_the_options_a_run_set_and_defaults_for_the_rest(results, tm
     assert [run.label for run in runs] == ["sc n=4 weighting=logprob", "sc n=4 weighting=majority"]
 
 
+def test_a_sampling_field_an_older_file_predates_reads_as_its_default(results, tmp_path):
+    header, records = read_results(results["sc4"])
+    del header["config"]["params"]["hidden"]  # written before SamplingParams had the field
+    older = tmp_path / "older.jsonl"
+    older.write_text("".join(json.dumps(line) + "\n" for line in [header, *records]))
+    runs, _ = load_runs([older, results["sc4"]])
+    # the same configuration, so told apart by file name only (not by "hidden=None" against "hidden=False")
+    assert [run.label for run in runs] == ["sc n=4 (older)", f"sc n=4 ({Path(results['sc4']).stem})"]
+
+
 def test_runs_of_different_models_name_their_model_unless_the_strategy_uses_two(results, tmp_path):
     def as_model(path: Path, model: str, strategy: str | None = None) -> Path:
         header, records = read_results(path)
