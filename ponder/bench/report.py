@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,10 +28,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..engine.base import PonderError, SamplingParams
+from ..engine.base import PonderError
 from ..prompts import DEFAULT_PROMPT, DEFAULT_TEMPLATE, MathPrompt
 from .metrics import RunMetrics, summarize
-from .runner import read_results, run_prompt
+from .runner import read_results, recorded_params, run_prompt
 
 # Costs are per problem: prompt and generated tokens, wall time (elapsed / problems), latency (start to answer).
 RUN_COLUMNS = ("run", "strategy", "problems", "branches", "accuracy (95 % CI)", "prompt tok", "gen tok", "scored tok",
@@ -117,13 +117,8 @@ def _label(runs: list[Run]) -> None:
 
 def _settings(run: Run) -> dict:
     config = run.header["config"]
-    return {"model": run.header["model"]["name"], "seed": config["seed"], **_PARAM_DEFAULTS, **config["params"],
+    return {"model": run.header["model"]["name"], "seed": config["seed"], **recorded_params(run.header),
             **_option_defaults(run.header["strategy"]), **config["options"]}
-
-
-# Sampling fields a results file predates read as their defaults (as the file would have recorded them), so that an
-# older run is not labelled by a field it could not set.
-_PARAM_DEFAULTS = json.loads(json.dumps(asdict(SamplingParams())))
 
 
 def _option_defaults(strategy: str) -> dict:

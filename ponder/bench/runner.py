@@ -90,14 +90,18 @@ def make_header(engine: Engine, dataset: Dataset, config: BenchConfig, replay: d
     return json.loads(json.dumps(header))  # the form it has once read back (tuples become lists)
 
 
+def recorded_params(header: dict) -> dict:
+    """The sampling parameters a results file's run used, as recorded (JSON types). Sampling fields added since the
+    file was written (e.g. ``hidden``) count as their defaults: the run sampled so."""
+    return {**asdict(SamplingParams()), "stop": [], **header["config"].get("params", {})}
+
+
 def _identity(header: dict) -> dict:
     """The header fields that must match for a run to append to an existing results file."""
     model = header["model"]
-    # Sampling fields added since a file was written (e.g. ``hidden``) count as their defaults: the run sampled so.
-    params = {**asdict(SamplingParams()), "stop": [], **header["config"].get("params", {})}
     return {
         "strategy": header["strategy"],
-        "config": {**header["config"], "params": params,
+        "config": {**header["config"], "params": recorded_params(header),
                    "prompt": run_prompt(header).to_dict()},  # older files: the default prompt
         "model": model["sha256"] or model["name"],  # a remote model has no file to hash
         "dataset sha256": header["dataset"]["sha256"],
