@@ -4,8 +4,8 @@ vote of the same branches -- the figures that explain a hit or a miss.
 
     python -m benchmarks.analysis.auto_stats benchmarks/results/gsm8k-auto/auto.jsonl [--sc SC_RESULTS.jsonl]
 
-With ``--sc``, an sc run's maj@k curve (its own problems, which may be others) at auto's generated tokens per
-problem, interpolated between its k, as context.
+With ``--sc``, an sc run's maj@k curve at auto's tokens computed per problem (prompt evaluated plus everything after
+it, as ``ponder report`` plots them), interpolated between its k, on the problems both runs hold.
 
 The opening's reasoning branch is greedy at temperature 0 on the standard math prompt: it is the model's greedy
 answer on the same problem (decoded in a batch of two, so not always bit-identical to a lone greedy run: llama.cpp's
@@ -87,21 +87,38 @@ def main(path: str, sc: str | None = None) -> None:
               f"{(right - won + lost) / n:.1%}")
     if sc:
         from ponder.bench.metrics import summarize
+        from ponder.bench.report import curve_tokens
 
         _, sc_records = read_results(sc)
-        m = summarize("sc", sc_records)
-        per_k = m.generated_tokens / m.samples
-        tokens = statistics.fmean(r["usage"]["generated_tokens"] for r in records)
-        k = tokens / per_k
-        lo = max(1, min(int(k), m.samples - 1))
-        at = m.maj_at_k[lo - 1] + (m.maj_at_k[lo] - m.maj_at_k[lo - 1]) * (k - lo)
-        print(f"{sc}: maj@k {', '.join(f'{i + 1}: {a:.1%}' for i, a in enumerate(m.maj_at_k))} "
-              f"({per_k:.0f} tokens per sample); at auto's {tokens:.0f} tokens (k = {k:.2f}): {at:.1%}")
+        sc_ids = {r["id"] for r in sc_records}
+        common = [r for r in records if r["id"] in sc_ids]
+        if not common:
+            raise SystemExit(f"{sc} has none of {path}'s problems")
+        by_id = {r["id"]: r for r in sc_records}
+        m = summarize("sc", [by_id[r["id"]] for r in common])
+        tokens = summarize("auto", common).computed_tokens
+        by_vote = sum(vote_was_right(r) if r["details"].get("tiebreak", {}).get("by", "vote") != "vote"
+                      else r["correct"] for r in common)
+        curve = [(curve_tokens(m, k), acc) for k, acc in enumerate(m.maj_at_k, start=1)]
+        print(f"{sc}, on the {len(common)} problems both ran: maj@k " + ", ".join(
+            f"{k}: {acc:.1%} at {t:.0f}" for k, (t, acc) in enumerate(curve, start=1)) + " tokens computed")
+        print(f"  auto there: {sum(r['correct'] for r in common) / len(common):.1%} (by the vote "
+              f"{by_vote / len(common):.1%}) at {tokens:.0f} tokens computed; sc's maj@k at those tokens: "
+              f"{interpolate(curve, tokens):.1%}")
 
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> float:
+    """The curve's y at x, linear between its points; beyond its ends, the end's y (a curve is not extrapolated)."""
+    if x <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[-1][1]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="ponder bench results of an auto run")
-    parser.add_argument("--sc", help="an sc run's results, for its maj@k curve at auto's tokens")
+    parser.add_argument("--sc", help="an sc run's results, for its maj@k curve at auto's tokens computed")
     args = parser.parse_args()
     main(args.results, args.sc)

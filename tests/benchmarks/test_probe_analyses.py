@@ -1,9 +1,12 @@
 """The analyses of the correctness probe's uses: ``auto_probe`` (the tie-break replayed on a live ``auto`` run),
-``auto_stats``' tie-break figures, and ``step_probe``'s rebuilding of a search tree on the engine."""
+``auto_stats``' tie-break figures and its SC curve at auto's tokens, and ``step_probe``'s rebuilding of a search
+tree on the engine."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from benchmarks.analysis import auto_probe, auto_stats, step_probe
 from ponder.engine.fake import FakeEngine
@@ -49,6 +52,14 @@ def test_the_vote_of_a_tiebroken_run_is_read_from_its_votes():
     assert auto_stats.vote_was_right(record) is False
     record["votes"] = {"7": 1.25, "8": 1.25}  # a tie goes to the first answer
     assert auto_stats.vote_was_right(record) is True
+
+
+def test_the_sc_curve_is_read_between_its_points_and_held_at_its_ends():
+    curve = [(391.0, 0.589), (701.0, 0.602), (1012.0, 0.659)]
+    assert auto_stats.interpolate(curve, 895.0) == pytest.approx(0.6376, abs=1e-4)
+    assert auto_stats.interpolate(curve, 701.0) == 0.602
+    assert auto_stats.interpolate(curve, 100.0) == 0.589  # fewer tokens than one sample: not extrapolated
+    assert auto_stats.interpolate(curve, 5000.0) == 0.659
 
 
 def test_a_tree_is_rebuilt_node_by_node_and_each_step_end_read():
