@@ -116,6 +116,7 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> float:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return curve[-1][1]
 
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="ponder bench results of an auto run")
