@@ -30,6 +30,11 @@ def vote_was_right(record: dict) -> bool:
     return winner is not None and any(c["correct"] for c in record["answer_classes"] if c["answer"] == winner)
 
 
+def tiebroken(record: dict) -> bool:
+    """Whether a tie-break, not the vote, answered the run."""
+    return record["details"].get("tiebreak", {}).get("by", "vote") != "vote"
+
+
 def main(path: str, sc: str | None = None) -> None:
     header, records = read_results(path)
     n = len(records)
@@ -76,7 +81,7 @@ def main(path: str, sc: str | None = None) -> None:
     if both:
         either = sum(rg["correct"] or pg["correct"] for _, rg, pg in both)
         print(f"either greedy arm right: {either / len(both):.0%} (a perfect pick between the two)")
-    broken = [r for r in records if r["details"].get("tiebreak", {}).get("by", "vote") != "vote"]
+    broken = [r for r in records if tiebroken(r)]
     if broken:
         voted = [vote_was_right(r) for r in broken]
         won = sum(r["correct"] and not v for r, v in zip(broken, voted))
@@ -97,8 +102,7 @@ def main(path: str, sc: str | None = None) -> None:
         by_id = {r["id"]: r for r in sc_records}
         m = summarize("sc", [by_id[r["id"]] for r in common])
         tokens = summarize("auto", common).computed_tokens
-        by_vote = sum(vote_was_right(r) if r["details"].get("tiebreak", {}).get("by", "vote") != "vote"
-                      else r["correct"] for r in common)
+        by_vote = sum(vote_was_right(r) if tiebroken(r) else r["correct"] for r in common)
         curve = [(curve_tokens(m, k), acc) for k, acc in enumerate(m.maj_at_k, start=1)]
         print(f"{sc}, on the {len(common)} problems both ran: maj@k " + ", ".join(
             f"{k}: {acc:.1%} at {t:.0f}" for k, (t, acc) in enumerate(curve, start=1)) + " tokens computed")
