@@ -204,7 +204,7 @@ def plot_pareto(runs: Sequence[Run], path: str | Path):
                 if k & (k - 1) == 0 or k == s.ks[-1]:  # powers of two and N, so labels do not pile up
                     axes.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=8,
                                   color=color)
-    token_axes.set_title("accuracy vs tokens computed per problem (both models)")
+    token_axes.set_title("accuracy vs tokens computed per problem (every model counted)")
     token_axes.set_xlabel("prompt evaluated + generated + scored + probe tokens per problem (mean, log scale)")
     wall_axes.set_title("accuracy vs wall time per problem")
     # Estimates (maj@k: k/N of the N-sample run; replays: at the recorded run's s/token) are explained in the .md.
