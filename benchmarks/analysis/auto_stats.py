@@ -91,23 +91,27 @@ def main(path: str, sc: str | None = None) -> None:
               f"{sum(voted)} ({won} gained, {lost} lost); all problems by the vote: "
               f"{(right - won + lost) / n:.1%}")
     if sc:
-        from ponder.bench.metrics import summarize
-        from ponder.bench.report import curve_tokens
+        from ponder.bench.report import curve_tokens, load_runs
+        from ponder.engine.base import PonderError
 
-        _, sc_records = read_results(sc)
-        sc_ids = {r["id"] for r in sc_records}
-        common = [r for r in records if r["id"] in sc_ids]
-        if not common:
-            raise SystemExit(f"{sc} has none of {path}'s problems")
-        by_id = {r["id"]: r for r in sc_records}
-        m = summarize("sc", [by_id[r["id"]] for r in common])
-        tokens = summarize("auto", common).computed_tokens
+        try:  # as ``ponder report --common-problems`` measures them: each run on the problems both finished
+            runs, _ = load_runs([path, sc], common=True)
+        except PonderError as e:
+            raise SystemExit(f"{sc}: {e}")
+        if len(runs) < 2:
+            raise SystemExit(f"{sc}: no finished problems yet")
+        auto_run, sc_run = runs
+        m = sc_run.metrics
+        if m.maj_at_k is None:
+            raise SystemExit(f"{sc}: no maj@k curve (its branches are not independent samples of one N)")
+        common = auto_run.records
+        tokens = auto_run.metrics.computed_tokens
         by_vote = sum(vote_was_right(r) if tiebroken(r) else r["correct"] for r in common)
         curve = [(curve_tokens(m, k), acc) for k, acc in enumerate(m.maj_at_k, start=1)]
         print(f"{sc}, on the {len(common)} problems both ran: maj@k " + ", ".join(
             f"{k}: {acc:.1%} at {t:.0f}" for k, (t, acc) in enumerate(curve, start=1)) + " tokens computed")
         print(f"  auto there: {sum(r['correct'] for r in common) / len(common):.1%} (by the vote "
-              f"{by_vote / len(common):.1%}) at {tokens:.0f} tokens computed; sc's maj@k at those tokens: "
+              f"{by_vote / len(common):.1%}) at {tokens:.0f} tokens computed; {sc_run.header['strategy']}'s maj@k at those tokens: "
               f"{interpolate(curve, tokens):.1%}")
 
 
